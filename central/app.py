@@ -1,0 +1,266 @@
+"""central: the public REST API. Chains the three stages through typed clients (HTTP or in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from central.clients import HttpTransport, LocalTransport, TextEncoderClient, Transport, UNetClient, VaeClient
+from central.pipeline import Generation, Orchestrator
+from shared import __version__
+from shared.errors import (
+    InvalidValue,
+    MalformedRequest,
+    TriptychError,
+    UnsupportedMediaType,
+    install_error_handlers,
+    validation_error,
+)
+from shared.protocol import Txt2ImgRequest, Txt2ImgResponse
+from shared.settings import Settings, get_settings
+from shared.stage_app import read_body
+
+log = logging.getLogger("triptych.central")
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
+
+
+def http_orchestrator(settings: Settings) -> Orchestrator:
+    """Clients for three stage services at the configured URLs, each hop with its own timeout."""
+
+    def transport(stage: str, url: str, op: str, timeout_s: float) -> HttpTransport:
+        return HttpTransport(
+            stage,
+            url,
+            op_timeouts_s={op: timeout_s},
+            connect_timeout_s=settings.connect_timeout_s,
+            info_timeout_s=settings.info_timeout_s,
+        )
+
+    return Orchestrator(
+        TextEncoderClient(transport("text_encoder", settings.text_encoder_url, "encode", settings.encode_timeout_s)),
+        UNetClient(transport("diffusion_unet", settings.diffusion_unet_url, "denoise", settings.denoise_timeout_s)),
+        VaeClient(transport("vae_decoder", settings.vae_decoder_url, "decode", settings.decode_timeout_s)),
+        settings,
+    )
+
+
+def mixed_orchestrator(settings: Settings, local: set[str]) -> Orchestrator:
+    """Stages named in ``local`` run in this process (loaded here); the others over HTTP.
+
+    ``local`` uses the operation names ``encode``, ``denoise``, ``decode`` (what the CLI's --local-stages takes).
+    """
+    from diffusion_unet.runtime import UNetRuntime
+    from text_encoder.runtime import TextEncoderRuntime
+    from vae_decoder.runtime import VaeRuntime
+
+    remote = http_orchestrator(settings)
+    transports: dict[str, Transport] = {
+        "encode": remote.text_encoder.transport,
+        "denoise": remote.unet.transport,
+        "decode": remote.vae.transport,
+    }
+    for op, cls in (("encode", TextEncoderRuntime), ("denoise", UNetRuntime), ("decode", VaeRuntime)):
+        if op in local:
+            transports[op] = LocalTransport(cls(settings), owned=True)  # type: ignore[abstract]
+    return Orchestrator(
+        TextEncoderClient(transports["encode"]),
+        UNetClient(transports["denoise"]),
+        VaeClient(transports["decode"]),
+        settings,
+    )
+
+
+async def load_local_runtimes(orchestrator: Orchestrator) -> None:
+    """Load every in-process stage's model, one after another.
+
+    Not concurrently: transformers' and diffusers' lazy module imports race when two threads trigger them
+    at once ("cannot import name 'PreTrainedModel'").
+    """
+    for client in (orchestrator.text_encoder, orchestrator.unet, orchestrator.vae):
+        if isinstance(client.transport, LocalTransport) and not client.transport.runtime.ready:
+            await client.transport.runtime.load_async()
+
+
+def encode_images(images: torch.Tensor, fmt: str) -> list[bytes]:
+    """uint8 (B, H, W, 3) -> one file per image. PNG is lossless: its pixels are exactly the tensor's."""
+    out = []
+    array = images.numpy()
+    for i in range(array.shape[0]):
+        buf = io.BytesIO()
+        image = Image.fromarray(np.ascontiguousarray(array[i]))
+        if fmt == "png":
+            image.save(buf, format="PNG", compress_level=1)
+        elif fmt == "jpeg":
+            image.save(buf, format="JPEG", quality=95)
+        else:
+            image.save(buf, format="WEBP", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def wanted_image_format(accept: str) -> str | None:
+    """The image format the Accept header asks for, if it names one exactly (not */*)."""
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in FORMAT_OF_MEDIA:
+            return FORMAT_OF_MEDIA[media]
+    return None
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timings.items())
+
+
+def get_orchestrator(request: Request) -> Orchestrator:
+    orchestrator: Orchestrator = request.app.state.orchestrator
+    return orchestrator
+
+
+OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
+
+
+async def read_json_request(request: Request, settings: Settings) -> Txt2ImgRequest:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'}")
+    body = await read_body(request, settings.max_json_body_bytes)
+    if not body:
+        raise MalformedRequest("request body is empty; send a JSON object with at least `prompt`")
+    try:
+        return Txt2ImgRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0].get("type") in ("json_invalid", "json_type"):
+            raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
+        raise validation_error(errors) from None
+
+
+def build_app(
+    settings: Settings | None = None,
+    *,
+    orchestrator: Orchestrator | None = None,
+    embedded: bool = False,
+) -> FastAPI:
+    """central's app. ``embedded`` runs the three stages in this process instead of calling services."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        orch = orchestrator
+        if orch is None:
+            if embedded:
+                orch = mixed_orchestrator(settings, {"encode", "denoise", "decode"})
+            else:
+                orch = http_orchestrator(settings)
+        app.state.orchestrator = orch
+        await load_local_runtimes(orch)
+        try:
+            await orch.check()
+            log.info("stages are reachable and compatible")
+        except TriptychError as exc:
+            # Stages may start after central; /readyz keeps reporting until they agree.
+            log.warning("stages not ready at start-up: %s", exc.message)
+        try:
+            yield
+        finally:
+            await orch.aclose()
+
+    app = FastAPI(
+        title="Triptych",
+        version=__version__,
+        description="Stable Diffusion as three stage services behind one REST endpoint.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    @app.get("/healthz", summary="Process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": "central"}
+
+    @app.get("/readyz", summary="All stages reachable, loaded and mutually compatible")
+    async def readyz(orch: OrchestratorDep) -> dict[str, Any]:
+        infos = await orch.check()
+        return {"status": "ready", "stages": {i.stage: i.model.fingerprint for i in infos}}
+
+    @app.get("/v1/info", summary="central's version and every stage's info")
+    async def info(orch: OrchestratorDep) -> dict[str, Any]:
+        stages: dict[str, Any] = {}
+        clients = {"text_encoder": orch.text_encoder, "diffusion_unet": orch.unet, "vae_decoder": orch.vae}
+        results = await asyncio.gather(*(c.info() for c in clients.values()), return_exceptions=True)
+        for name, result in zip(clients, results, strict=True):
+            if isinstance(result, TriptychError):
+                stages[name] = result.envelope()
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                stages[name] = result.model_dump()
+        return {"service": "central", "version": __version__, "stages": stages}
+
+    @app.post(
+        "/v1/txt2img",
+        summary="Text to image",
+        response_model=Txt2ImgResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": Txt2ImgRequest.model_json_schema()}},
+            }
+        },
+        responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
+    )
+    async def txt2img(request: Request, orch: OrchestratorDep) -> Response:
+        start = time.perf_counter()
+        req = await read_json_request(request, settings)
+        as_file = wanted_image_format(request.headers.get("accept", ""))
+        if as_file and req.num_images != 1:
+            raise InvalidValue(
+                f"`Accept: {MEDIA_TYPES[as_file]}` returns one image, but `num_images` is {req.num_images}; "
+                "ask for application/json to get several",
+                param="num_images",
+            )
+        gen = await orch.txt2img(req)
+        return await render(gen, as_file or req.output_format, bool(as_file), start)
+
+    async def render(gen: Generation, fmt: str, as_file: bool, start: float) -> Response:
+        t0 = time.perf_counter()
+        files = await run_in_threadpool(encode_images, gen.images, fmt)
+        image_ms = (time.perf_counter() - t0) * 1000
+        timings = {
+            "encode_ms": gen.timings_ms["encode_ms"],
+            "denoise_ms": gen.timings_ms["denoise_ms"],
+            "decode_ms": gen.timings_ms["decode_ms"],
+            "image_encode_ms": image_ms,
+            "total_ms": (time.perf_counter() - start) * 1000,
+        }
+        if as_file:
+            return Response(
+                content=files[0],
+                media_type=MEDIA_TYPES[fmt],
+                headers={"X-Seed": str(gen.seeds[0]), "Server-Timing": server_timing(timings)},
+            )
+        body = Txt2ImgResponse(
+            images=[base64.b64encode(f).decode("ascii") for f in files],
+            seeds=gen.seeds,
+            parameters={**gen.parameters, "output_format": fmt},
+            timings={**timings, "compute_ms": gen.compute_ms},  # type: ignore[arg-type]
+        )
+        return JSONResponse(body.model_dump(), headers={"Server-Timing": server_timing(timings)})
+
+    return app

@@ -1,0 +1,1 @@
+"""Triptych's UNet stage service."""

@@ -1,0 +1,112 @@
+"""The base of the three stage runtimes: objects that own torch models and know nothing of HTTP.
+
+A runtime is what a stage's FastAPI app serves and also what ``LocalTransport`` runs in-process, so
+"remote stage" and "local stage" are one interface with two transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, TypeVar
+
+from shared import __version__
+from shared.errors import StageUnavailable
+from shared.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
+from shared.protocol import ModelRef, StageInfo
+from shared.settings import Settings
+
+T = TypeVar("T")
+log = logging.getLogger("triptych.runtime")
+
+
+class StageRuntime:
+    """Loads one stage's components and runs its compute on a single worker thread.
+
+    One worker thread per runtime keeps torch work off the event loop (health endpoints answer while a
+    request computes) and serialises requests, so no module or scheduler is ever used by two at once.
+    """
+
+    stage: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.model_id = ""
+        self.fingerprint = ""
+        self.random_weights = False
+        self._ready = threading.Event()
+        self._load_error: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-torch")
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        """Resolve the model and load this stage's components (blocking; call from a worker thread)."""
+        try:
+            model = resolve_model(self.settings)
+            self.model_id = model
+            self.random_weights = is_random_weights(model)
+            # Not under inference_mode: parameters created there lose requires_grad, and that alone changes
+            # which CPU kernels run (1e-6 off, 1/255 in pixels) versus the pipeline's own loading.
+            self._load(model)
+            self._warm_up()
+        except Exception as exc:
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s failed to load its model", self.stage)
+            raise
+        self._ready.set()
+        log.info(
+            "%s ready: model=%s fingerprint=%s device=%s dtype=%s",
+            self.stage,
+            self.model_id,
+            self.fingerprint,
+            self.device,
+            self.dtype,
+        )
+
+    async def load_async(self) -> None:
+        await self.run(self.load)
+
+    def _load(self, model: str) -> None:
+        raise NotImplementedError
+
+    def _warm_up(self) -> None:
+        """One small pass so the first real request does not pay for lazy initialisation."""
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            reason = f"model failed to load ({self._load_error})" if self._load_error else "model is loading"
+            raise StageUnavailable(f"{self.stage} is not ready: {reason}", headers={"Retry-After": "5"})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ execution
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on this runtime's torch thread without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ info
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def info(self) -> StageInfo:
+        self.check_ready()
+        return StageInfo(
+            stage=self.stage,  # type: ignore[arg-type]
+            model=ModelRef(id=self.model_id, fingerprint=self.fingerprint),
+            config=self.config(),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            version=__version__,
+            random_weights=self.random_weights,
+        )

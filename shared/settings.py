@@ -1,0 +1,61 @@
+"""Settings for every service, read from ``TRIPTYCH_*`` environment variables (each has a CLI twin)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORTS = {"central": 8000, "text_encoder": 8001, "diffusion_unet": 8002, "vae_decoder": 8003}
+
+
+class Settings(BaseSettings):
+    """One settings object for all four services; each reads the fields it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIPTYCH_", extra="ignore")
+
+    # --- models (SPEC §3)
+    model: str | None = Field(
+        default=None,
+        description="Diffusers model directory or hub id. Unset: a tiny random-weight model made in cache_dir.",
+    )
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    cache_dir: Path = Field(default=Path.home() / ".cache" / "triptych")
+    unet_variants: str = Field(default="", description="Comma-separated name=path pairs (later issue).")
+
+    # --- central: where the stages are, and how long each hop may take
+    text_encoder_url: str = "http://127.0.0.1:8001"
+    diffusion_unet_url: str = "http://127.0.0.1:8002"
+    vae_decoder_url: str = "http://127.0.0.1:8003"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    encode_timeout_s: float = Field(default=60.0, gt=0)
+    denoise_timeout_s: float = Field(default=600.0, gt=0)
+    decode_timeout_s: float = Field(default=120.0, gt=0)
+    info_timeout_s: float = Field(default=5.0, gt=0)
+
+    # --- request limits
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    max_json_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_num_images: int = Field(default=8, ge=1)
+    max_inference_steps: int = Field(default=500, ge=1)
+    max_side: int = Field(default=2048, ge=8, description="Largest width or height in pixels.")
+    max_prompt_chars: int = Field(default=8192, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("text_encoder_url", "diffusion_unet_url", "vae_decoder_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"stage URL must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment. Tests pass a Settings to build_app instead."""
+    return Settings()

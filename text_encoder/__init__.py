@@ -1,0 +1,1 @@
+"""Triptych's text encoder stage service."""

@@ -1,0 +1,1 @@
+"""Triptych's VAE decoder stage service."""

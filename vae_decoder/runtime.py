@@ -1,0 +1,60 @@
+"""The VAE stage: latents in, uint8 pixels out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from shared.errors import InvalidValue
+from shared.models import fingerprint, load_component
+from shared.protocol import DecodeRequest, DecodeResponse
+from shared.runtime import StageRuntime
+
+
+class VaeRuntime(StageRuntime):
+    """Decodes final latents to images as the pipeline's ``vae.decode`` + ``image_processor.postprocess``."""
+
+    stage = "vae_decoder"
+
+    def _load(self, model: str) -> None:
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = load_component(AutoencoderKL, model, "vae")
+        self.fingerprint = fingerprint(vae)
+        # No requires_grad_(False): it changes which CPU kernels run (1e-6 off, 1/255 in pixels), and parity with
+        # the pipeline, which leaves it on, is the contract. inference_mode already keeps autograd out.
+        self.vae = vae.to(self.device, self.dtype).eval()
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _warm_up(self) -> None:
+        self.decode(DecodeRequest(latents=torch.zeros(1, self.vae.config.latent_channels, 8, 8)))
+
+    def config(self) -> dict[str, Any]:
+        cfg = self.vae.config
+        return {
+            "latent_channels": cfg.latent_channels,
+            "vae_scale_factor": self.vae_scale_factor,
+            "scaling_factor": cfg.scaling_factor,
+            "sample_size": cfg.sample_size,
+        }
+
+    @torch.inference_mode()
+    def decode(self, request: DecodeRequest) -> DecodeResponse:
+        """``latents`` (B, C, h, w) as the UNet returns them -> ``uint8`` images (B, 8h, 8w, 3)."""
+        latents = request.latents
+        channels = self.vae.config.latent_channels
+        if latents.shape[1] != channels:
+            raise InvalidValue(
+                f"`latents` have {latents.shape[1]} channels but this VAE takes {channels}", param="latents"
+            )
+        start = time.perf_counter()
+        latents = latents.to(self.device, self.dtype)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        # What output_type="pil" does: the processor's float HWC array, then numpy_to_pil's rounding.
+        pixels = self.image_processor.postprocess(image, output_type="np")
+        images = torch.from_numpy((pixels * 255).round().astype("uint8"))
+        return DecodeResponse(images=images, decode_ms=(time.perf_counter() - start) * 1000)
