@@ -174,7 +174,7 @@ def default_model(cache_dir: Path) -> Path:
         if (target / "model_index.json").exists():
             return target
         log.warning("no model configured: creating a tiny RANDOM-WEIGHT model in %s (images will be noise)", target)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
         try:
             create_tiny(tmp)
             os.replace(tmp, target)
