@@ -25,6 +25,7 @@ from shared import __version__
 from shared.errors import (
     InvalidValue,
     MalformedRequest,
+    StageUnavailable,
     TriptychError,
     UnsupportedMediaType,
     install_error_handlers,
@@ -196,7 +197,11 @@ def build_app(
 
     @app.get("/readyz", summary="All stages reachable, loaded and mutually compatible")
     async def readyz(orch: OrchestratorDep) -> dict[str, Any]:
-        infos = await orch.check()
+        try:
+            infos = await orch.check()
+        except TriptychError as exc:
+            # Not ready, whatever the cause: a slow or garbled stage is still "not ready" to a probe.
+            raise StageUnavailable(exc.message) from None
         return {"status": "ready", "stages": {i.stage: i.model.fingerprint for i in infos}}
 
     @app.get("/v1/info", summary="central's version and every stage's info")

@@ -105,11 +105,14 @@ class HttpTransport:
         except ValueError:
             pass
         message = str(err.get("message") or f"HTTP {status}")
+        headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else {}
+        if status == 429 and not err:
+            # A bare 429 (a proxy in front of the stage, say) is still backpressure, not a broken stage.
+            raise UpstreamClientError(429, "overloaded", f"{self.stage} is overloaded", None, headers)
         if status in RELAYED_STATUSES and err:
-            headers = {"Retry-After": response.headers["retry-after"]} if "retry-after" in response.headers else {}
             raise UpstreamClientError(status, str(err.get("type", "invalid_value")), message, err.get("param"), headers)
         if status == 503:
-            raise StageUnavailable(f"{self.stage} is unavailable: {message}")
+            raise StageUnavailable(f"{self.stage} is unavailable: {message}", headers=headers)
         if status == 504:
             raise StageTimeout(f"{self.stage} timed out: {message}")
         raise StageBadResponse(f"{self.stage} answered {path} with HTTP {status}: {message}")

@@ -164,6 +164,11 @@ class Orchestrator:
         )
         hops["encode_ms"] = (time.perf_counter() - t0) * 1000
         compute["encode"] = enc.encode_ms
+        width = int(unet_info.config["cross_attention_dim"])
+        if enc.prompt_embeds.shape[0] != 1 or enc.prompt_embeds.shape[-1] != width:
+            raise StageBadResponse(
+                f"text_encoder returned embeddings of shape {list(enc.prompt_embeds.shape)}; expected [1, L, {width}]"
+            )
 
         # 4-7. Timesteps, initial noise and the denoising loop, all inside the UNet service
         t0 = time.perf_counter()
@@ -183,6 +188,12 @@ class Orchestrator:
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000
         compute["denoise"] = den.denoise_ms
+        vsf = int(unet_info.config["vae_scale_factor"])
+        want = (p["num_images"], int(unet_info.config["out_channels"]), p["height"] // vsf, p["width"] // vsf)
+        if tuple(den.latents.shape) != want:
+            raise StageBadResponse(
+                f"diffusion_unet returned latents of shape {list(den.latents.shape)}, expected {list(want)}"
+            )
 
         # 8. Decode latents to pixels
         t0 = time.perf_counter()

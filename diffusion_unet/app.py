@@ -22,4 +22,4 @@ def build_app(settings: Settings | None = None, runtime: UNetRuntime | None = No
         UNetRuntime.denoise,
         summary="Embeddings and seeds to final latents (the whole denoise loop)",
     )
-    return build_stage_app(runtime, router, title="Triptych UNet", owns_runtime=owns_runtime)
+    return build_stage_app(runtime, router, title="Triptych UNet", owns_runtime=owns_runtime, settings=settings)

@@ -1,20 +1,34 @@
-"""The UNet stage: the UNet and the whole denoise loop, with a scheduler built fresh for every request."""
+"""The UNet stage: UNets (the base and named variants) and the whole denoise loop.
+
+One ``denoise`` call runs steps 4-7 of the diffusers pipelines — timesteps, initial latents, the loop with
+classifier-free guidance — for text-to-image, image-to-image and inpainting. Which one follows from the
+request's conditioning; how inpainting works follows from the UNet's ``in_channels`` (9: the mask and
+masked image are UNet inputs; 4: the known region is blended back after every step), as in diffusers.
+"""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusion_unet import schedulers
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DenoiseRequest, DenoiseResponse
 from shared.runtime import StageRuntime
+
+log = logging.getLogger("triptych.unet")
+
+BASE = "base"
+VAE_SCALE_FACTOR = 8  # SD 1.x/2.x; central checks it against the VAE's own value.
 
 
 class _SchedulerConfig(ConfigMixin):
@@ -23,40 +37,17 @@ class _SchedulerConfig(ConfigMixin):
     config_name = "scheduler_config.json"  # type: ignore[assignment]
 
 
-class UNetRuntime(StageRuntime):
-    """Runs steps 4-7 of ``StableDiffusionPipeline.__call__``: timesteps, noise, the loop, guidance."""
+@dataclass
+class UNetVariant:
+    """One hosted UNet with the scheduler configuration it was trained with."""
 
-    stage = "diffusion_unet"
-
-    def _load(self, model: str) -> None:
-        from diffusers import UNet2DConditionModel
-
-        unet = load_component(UNet2DConditionModel, model, "unet")
-        # Only the scheduler's config is kept: schedulers hold per-run state, so each request gets its own.
-        self.scheduler_config: dict[str, Any] = dict(_SchedulerConfig.load_config(model, subfolder="scheduler"))  # type: ignore[arg-type]
-        config = self.scheduler_config
-        self.default_scheduler = str(config["_class_name"])
-        self.fingerprint = fingerprint(unet, {k: v for k, v in config.items() if k != "_diffusers_version"})
-        self.unet = unet.to(self.device, self.dtype).eval()
-        self.vae_scale_factor = 8  # SD 1.x/2.x; central checks this against the VAE's own value.
-        self.compatible_schedulers = self._compatibles()
-
-    def _compatibles(self) -> list[str]:
-        """The model's scheduler and every diffusers scheduler it declares compatible."""
-        base = getattr(diffusers, self.default_scheduler).from_config(self.scheduler_config)
-        # diffusers exports placeholders for schedulers whose optional backend is missing; leave those out.
-        usable = {cls.__name__ for cls in base.compatibles if "dummy" not in cls.__module__}
-        return sorted({self.default_scheduler} | usable)
-
-    def _warm_up(self) -> None:
-        cfg = self.unet.config
-        embeds = torch.zeros(1, 77, cfg.cross_attention_dim, dtype=self.dtype)
-        size = cfg.sample_size * self.vae_scale_factor
-        self.denoise(
-            DenoiseRequest(
-                prompt_embeds=embeds, height=size, width=size, num_inference_steps=1, guidance_scale=1.0, seeds=[0]
-            )
-        )
+    name: str
+    source: str
+    unet: Any
+    scheduler_config: dict[str, Any]
+    default_scheduler: str
+    compatible_schedulers: list[str]
+    fingerprint: str
 
     def config(self) -> dict[str, Any]:
         cfg = self.unet.config
@@ -65,102 +56,215 @@ class UNetRuntime(StageRuntime):
             "in_channels": cfg.in_channels,
             "out_channels": cfg.out_channels,
             "sample_size": cfg.sample_size,
-            "vae_scale_factor": self.vae_scale_factor,
+            "vae_scale_factor": VAE_SCALE_FACTOR,
             "default_scheduler": self.default_scheduler,
             "schedulers": self.compatible_schedulers,
+            "fingerprint": self.fingerprint,
         }
 
-    # ------------------------------------------------------------------ scheduler
-    def make_scheduler(self, name: str | None, seeds: list[int] | None = None) -> Any:
-        """A new scheduler of class ``name`` (default: the model's own) from the model's scheduler config.
 
-        SDE schedulers that sample Brownian noise from a seed of their own get the request's seeds, one per
-        image, so their results are reproducible too.
-        """
-        name = name or self.default_scheduler
-        if name not in self.compatible_schedulers:
-            raise InvalidValue(
-                f"`scheduler` {name!r} is not a scheduler compatible with this model; "
-                f"choose one of: {', '.join(self.compatible_schedulers)}",
-                param="scheduler",
+def parse_variants(spec: str) -> dict[str, str]:
+    """``"inpainting=/models/x,anime=/models/y"`` -> ``{"inpainting": "/models/x", "anime": "/models/y"}``."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"TRIPTYCH_UNET_VARIANTS entry {item!r} is not name=path")
+        if name == BASE or name in out:
+            raise ValueError(f"UNet variant name {name!r} is reserved or repeated")
+        out[name] = path
+    return out
+
+
+def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling: float) -> torch.Tensor:
+    """``DiagonalGaussianDistribution.sample`` followed by the pipelines' scaling, from sent moments."""
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return scaling * (mean + std * noise)
+
+
+class UNetRuntime(StageRuntime):
+    """Hosts the base UNet and any configured variants; ``denoise`` runs the whole loop for one request."""
+
+    stage = "diffusion_unet"
+
+    def _load(self, model: str) -> None:
+        from diffusers import UNet2DConditionModel
+
+        base_scheduler = dict(_SchedulerConfig.load_config(model, subfolder="scheduler"))  # type: ignore[arg-type]
+        self.variants: dict[str, UNetVariant] = {
+            BASE: self._load_variant(BASE, model, load_component(UNet2DConditionModel, model, "unet"), base_scheduler)
+        }
+        for name, path in parse_variants(self.settings.unet_variants).items():
+            local = Path(path)
+            if (local / "unet").is_dir() or not local.exists():
+                unet = load_component(UNet2DConditionModel, path, "unet")
+                config = base_scheduler
+                if (local / "scheduler").is_dir():
+                    config = dict(_SchedulerConfig.load_config(path, subfolder="scheduler"))  # type: ignore[arg-type]
+            else:  # a bare UNet folder: config.json + weights
+                unet = UNet2DConditionModel.from_pretrained(path)
+                config = base_scheduler
+            self.variants[name] = self._load_variant(name, path, unet, config)
+            log.info("UNet variant %r loaded from %s (in_channels=%d)", name, path, unet.config.in_channels)
+        self.fingerprint = self.variants[BASE].fingerprint
+
+    def _load_variant(self, name: str, source: str, unet: Any, scheduler_config: dict[str, Any]) -> UNetVariant:
+        default = str(scheduler_config["_class_name"])
+        return UNetVariant(
+            name=name,
+            source=source,
+            # Fingerprint before the dtype cast: the same weights served in fp16 keep their fingerprint.
+            fingerprint=fingerprint(unet, {k: v for k, v in scheduler_config.items() if k != "_diffusers_version"}),
+            unet=unet.to(self.device, self.dtype).eval(),
+            scheduler_config=scheduler_config,
+            default_scheduler=default,
+            compatible_schedulers=schedulers.usable_compatibles(default, scheduler_config),
+        )
+
+    def _warm_up(self) -> None:
+        for variant in self.variants.values():
+            cfg = variant.unet.config
+            if cfg.in_channels != cfg.out_channels:
+                continue  # inpainting UNets need conditioning; their first request warms them
+            size = cfg.sample_size * VAE_SCALE_FACTOR
+            embeds = torch.zeros(1, 77, cfg.cross_attention_dim, dtype=self.dtype)
+            self.denoise(
+                DenoiseRequest(
+                    prompt_embeds=embeds,
+                    height=size,
+                    width=size,
+                    num_inference_steps=1,
+                    guidance_scale=1.0,
+                    seeds=[0],
+                    model=None if variant.name == BASE else variant.name,
+                )
             )
-        cls = getattr(diffusers, name)
-        extra: dict[str, Any] = {}
-        if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
-            extra["noise_sampler_seed"] = list(seeds)
-        return cls.from_config(self.scheduler_config, **extra)
 
-    # ------------------------------------------------------------------ the loop
-    def _check(self, req: DenoiseRequest) -> None:
-        cfg = self.unet.config
-        if req.model not in (None, "", "base"):
-            raise InvalidValue(f"`model` {req.model!r} is not hosted here; available: base", param="model")
-        if req.height % self.vae_scale_factor or req.width % self.vae_scale_factor:
+    def config(self) -> dict[str, Any]:
+        base = self.variants[BASE].config()
+        base["variants"] = {name: v.config() for name, v in self.variants.items() if name != BASE}
+        return base
+
+    def variant(self, name: str | None) -> UNetVariant:
+        key = name or BASE
+        if key not in self.variants:
             raise InvalidValue(
-                f"`height` and `width` have to be divisible by {self.vae_scale_factor} but are "
-                f"{req.height} and {req.width}.",
-                param="height" if req.height % self.vae_scale_factor else "width",
+                f"`model` {name!r} is not hosted by this UNet service; available: {', '.join(self.variants)}",
+                param="model",
+            )
+        return self.variants[key]
+
+    def make_scheduler(self, variant: UNetVariant, name: str | None, seeds: list[int] | None = None) -> Any:
+        """A new scheduler (class name or A1111 alias; default the variant's own) for one request."""
+        return schedulers.build(
+            name or variant.default_scheduler, variant.compatible_schedulers, variant.scheduler_config, seeds
+        )
+
+    def schedulers(self, model: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/schedulers``: every scheduler the variant can use, with A1111 aliases."""
+        return schedulers.catalogue(self.variant(model).compatible_schedulers)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, req: DenoiseRequest, variant: UNetVariant) -> None:
+        cfg = variant.unet.config
+        vsf = VAE_SCALE_FACTOR
+        if req.height % vsf or req.width % vsf:
+            raise InvalidValue(
+                f"`height` and `width` have to be divisible by {vsf} but are {req.height} and {req.width}.",
+                param="height" if req.height % vsf else "width",
             )
         if req.prompt_embeds.shape[-1] != cfg.cross_attention_dim:
             raise InvalidValue(
-                f"`prompt_embeds` are {req.prompt_embeds.shape[-1]} wide but the UNet's cross-attention dim is "
-                f"{cfg.cross_attention_dim}",
+                f"`prompt_embeds` are {req.prompt_embeds.shape[-1]} wide but UNet {variant.name!r} has "
+                f"cross_attention_dim {cfg.cross_attention_dim}",
                 param="prompt_embeds",
             )
-        if cfg.in_channels != cfg.out_channels:
+        latent_hw = (req.height // vsf, req.width // vsf)
+        if req.task == "inpaint":
+            if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels + 1):
+                raise InvalidValue(f"UNet {variant.name!r} has {cfg.in_channels} input channels", param="model")
+            if tuple(req.mask.shape[2:]) != (req.height, req.width):  # type: ignore[union-attr]
+                raise InvalidValue(f"`mask` must be {req.height}x{req.width} pixels", param="mask")
+        elif cfg.in_channels != cfg.out_channels:
             raise InvalidValue(
-                f"this UNet takes {cfg.in_channels} input channels (an inpainting UNet); text-to-image needs "
-                f"{cfg.out_channels}",
+                f"UNet {variant.name!r} takes {cfg.in_channels} input channels (an inpainting UNet); "
+                f"{req.task} needs one with {cfg.out_channels}",
                 param="model",
             )
+        for name in ("image_latent_mean", "masked_image_latent_mean"):
+            t = getattr(req, name)
+            if t is not None and tuple(t.shape[1:]) != (cfg.out_channels, *latent_hw):
+                raise InvalidValue(
+                    f"`{name}` must have shape [1, {cfg.out_channels}, {latent_hw[0]}, {latent_hw[1]}], got "
+                    f"{list(t.shape)}",
+                    param=name,
+                )
         if req.latents is not None:
-            want = (
-                req.batch_size,
-                cfg.in_channels,
-                req.height // self.vae_scale_factor,
-                req.width // self.vae_scale_factor,
-            )
+            want = (req.batch_size, cfg.out_channels, *latent_hw)
             if tuple(req.latents.shape) != want:
                 raise InvalidValue(
                     f"`latents` must have shape {list(want)}, got {list(req.latents.shape)}", param="latents"
                 )
 
+    # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def denoise(self, req: DenoiseRequest) -> DenoiseResponse:
-        """Denoise from seeded noise (or given latents) to final latents, as the pipeline does."""
-        self._check(req)
+        """Denoise to final latents exactly as StableDiffusion{,Img2Img,Inpaint}Pipeline would."""
+        variant = self.variant(req.model)
+        self._check(req, variant)
         start = time.perf_counter()
-        scheduler = self.make_scheduler(req.scheduler, req.seeds)
-        device, dtype, n = self.device, self.dtype, req.num_images_per_prompt
+        unet = variant.unet
+        scheduler = self.make_scheduler(variant, req.scheduler, req.seeds)
+        device, dtype, n, batch = self.device, self.dtype, req.num_images_per_prompt, req.batch_size
+        cfg = req.do_classifier_free_guidance
 
         # 3. Embeddings: one row per image, negatives first (the order diffusers concatenates them in).
         def per_image(e: torch.Tensor) -> torch.Tensor:
             return e.to(device, dtype).repeat_interleave(n, dim=0)
 
         prompt_embeds = per_image(req.prompt_embeds)
-        if req.do_classifier_free_guidance:
+        if cfg:
             assert req.negative_prompt_embeds is not None
             prompt_embeds = torch.cat([per_image(req.negative_prompt_embeds), prompt_embeds])
 
-        # 4. Timesteps
+        # 4. Timesteps; image conditioning starts part-way in, at `strength`.
         scheduler.set_timesteps(req.num_inference_steps, device=device)
         timesteps = scheduler.timesteps
+        if req.strength is not None:
+            steps = req.num_inference_steps
+            t_start = max(steps - min(int(steps * req.strength), steps), 0)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            if steps - t_start < 1:
+                raise InvalidValue(
+                    f"`strength` {req.strength} with {steps} steps leaves no denoising step; raise either",
+                    param="strength",
+                )
+        latent_timestep = timesteps[:1].repeat(batch)
 
-        # 5. Initial noise: image i from its own CPU generator, exactly like a list of generators in diffusers.
-        generators = None
-        if req.seeds is not None:
-            generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
-            shape = (
-                req.batch_size,
-                self.unet.config.in_channels,
-                req.height // self.vae_scale_factor,
-                req.width // self.vae_scale_factor,
-            )
-            latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        # 5. Initial latents: image i draws from its own CPU generator in the pipelines' order.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds] if req.seeds is not None else None
+        shape = (batch, unet.config.out_channels, req.height // VAE_SCALE_FACTOR, req.width // VAE_SCALE_FACTOR)
+        mask = masked_latents = image_latents = noise = None
+        if req.task == "txt2img":
+            if generators is not None:
+                latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+            else:
+                assert req.latents is not None
+                latents = req.latents.to(device, dtype)
+            latents = latents * scheduler.init_noise_sigma
+        elif req.task == "img2img":
+            assert generators is not None and req.scaling_factor is not None
+            mean, std = req.image_latent_mean.to(device), req.image_latent_std.to(device)  # type: ignore[union-attr]
+            image_latents = torch.cat([_sample(mean, std, g, req.scaling_factor) for g in generators]).to(dtype)
+            noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
         else:
-            assert req.latents is not None
-            latents = req.latents.to(device, dtype)
-        latents = latents * scheduler.init_noise_sigma
+            latents, noise, image_latents, mask, masked_latents = self._inpaint_latents(
+                req, variant, scheduler, generators, shape, latent_timestep
+            )
 
         # 6. Extra step kwargs (eta for DDIM; generators for ancestral / SDE samplers).
         step_params = set(inspect.signature(scheduler.step).parameters)
@@ -171,18 +275,67 @@ class UNetRuntime(StageRuntime):
             step_kwargs["generator"] = generators
 
         # 7. Denoising loop
-        cfg = req.do_classifier_free_guidance
-        for t in timesteps:
+        nine_channel = mask is not None and unet.config.in_channels != unet.config.out_channels
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            if nine_channel:
+                model_input = torch.cat([model_input, mask, masked_latents], dim=1)
+            noise_pred = unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
             if cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + req.guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if mask is not None and not nine_channel:
+                # 4-channel inpainting: put the (re-noised) known region back after every step.
+                known = image_latents
+                init_mask = mask.chunk(2)[0] if cfg else mask
+                if i < len(timesteps) - 1:
+                    known = scheduler.add_noise(known, noise, torch.tensor([timesteps[i + 1]]))
+                latents = (1 - init_mask) * known + init_mask * latents
 
         return DenoiseResponse(
             latents=latents,
             scheduler=type(scheduler).__name__,
             denoise_ms=(time.perf_counter() - start) * 1000,
         )
+
+    def _inpaint_latents(
+        self,
+        req: DenoiseRequest,
+        variant: UNetVariant,
+        scheduler: Any,
+        generators: list[torch.Generator] | None,
+        shape: tuple[int, int, int, int],
+        latent_timestep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """StableDiffusionInpaintPipeline's prepare_latents + prepare_mask_latents, draw for draw.
+
+        The pipeline encodes the single init image once with ``generator[0]`` (then repeats it), draws the
+        noise from every generator, and encodes the masked image with ``generator[0]`` again, for 4- and
+        9-channel UNets alike; an SDE/ancestral scheduler then continues from those generator states.
+        """
+        assert generators is not None and req.scaling_factor is not None and req.mask is not None
+        device, dtype, batch = self.device, self.dtype, req.batch_size
+        four_channel = variant.unet.config.in_channels == variant.unet.config.out_channels
+        is_strength_max = req.strength == 1.0
+        image_latents = None
+        if four_channel or not is_strength_max:
+            mean, std = req.image_latent_mean.to(device), req.image_latent_std.to(device)  # type: ignore[union-attr]
+            image_latents = _sample(mean, std, generators[0], req.scaling_factor).to(dtype).repeat(batch, 1, 1, 1)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        if is_strength_max:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
+
+        mask = torch.nn.functional.interpolate(req.mask.to(device, torch.float32), size=shape[2:]).to(dtype)
+        m_mean = req.masked_image_latent_mean.to(device)  # type: ignore[union-attr]
+        m_std = req.masked_image_latent_std.to(device)  # type: ignore[union-attr]
+        masked = _sample(m_mean, m_std, generators[0], req.scaling_factor).to(dtype)
+        mask = mask.repeat(batch, 1, 1, 1)
+        masked = masked.repeat(batch, 1, 1, 1)
+        if req.do_classifier_free_guidance:
+            mask = torch.cat([mask] * 2)
+            masked = torch.cat([masked] * 2)
+        return latents, noise, image_latents, mask, masked

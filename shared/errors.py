@@ -112,11 +112,12 @@ def validation_error(errors: list[Any]) -> InvalidValue:
     """Turn pydantic/FastAPI error dicts into one InvalidValue naming the first bad field."""
     first = errors[0] if errors else {}
     param = _param_from_loc(first.get("loc", ()))
-    msg = str(first.get("msg", "invalid value"))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param:
         msg = f"`{param}`: {msg}"
         if "input" in first and not isinstance(first["input"], (dict, list, bytes)):
-            msg += f" (got {first['input']!r})"
+            shown = repr(first["input"])
+            msg += f" (got {shown[:100] + '…' if len(shown) > 100 else shown})"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return InvalidValue(msg, param=param)

@@ -7,10 +7,13 @@ its cross-field checks, so a transport (HTTP or in-process) only has to call ``m
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+
+from shared.errors import InvalidValue
 
 API_VERSION = "v1"
 MAX_SEED = 2**63 - 1
@@ -26,6 +29,12 @@ def _tensor(value: Any) -> torch.Tensor:
 Tensor = Annotated[torch.Tensor, PlainValidator(_tensor)]
 
 
+def _invalid(message: str) -> InvalidValue:
+    """A cross-field error as a 422 naming the first field the message mentions."""
+    named = re.search(r"`(\w+)`", message)
+    return InvalidValue(message, param=named.group(1) if named else None)
+
+
 class WireModel(BaseModel):
     """Base for stage messages: tensors allowed, unknown fields refused (a typo must not pass silently)."""
 
@@ -35,13 +44,27 @@ class WireModel(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-def _check_float(t: torch.Tensor, name: str, ndim: int) -> None:
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"`{name}` must be float32, float16 or bfloat16, got {str(t.dtype).removeprefix('torch.')}")
-    if t.dim() != ndim:
-        raise ValueError(f"`{name}` must have {ndim} dimensions, got shape {list(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"`{name}` is empty (shape {list(t.shape)})")
+def _float_tensor(ndim: int) -> Any:
+    """A tensor field that must be float32/float16/bfloat16 with ``ndim`` dimensions and some elements.
+
+    Checked per field so a 422 names the field (``param``); cross-field checks raise InvalidValue directly.
+    """
+
+    def check(value: Any) -> torch.Tensor:
+        t = _tensor(value)
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"must be float32, float16 or bfloat16, got {str(t.dtype).removeprefix('torch.')}")
+        if t.dim() != ndim:
+            raise ValueError(f"must have {ndim} dimensions, got shape {list(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"is empty (shape {list(t.shape)})")
+        return t
+
+    return Annotated[torch.Tensor, PlainValidator(check)]
+
+
+Embeds = _float_tensor(3)
+Latents = _float_tensor(4)
 
 
 # ----------------------------------------------------------------------------------------- stage info
@@ -74,7 +97,7 @@ class EncodeRequest(WireModel):
     @model_validator(mode="after")
     def _check(self) -> EncodeRequest:
         if self.negative_prompt is not None and len(self.negative_prompt) != len(self.prompt):
-            raise ValueError(
+            raise _invalid(
                 f"`negative_prompt` has {len(self.negative_prompt)} entries but `prompt` has {len(self.prompt)}"
             )
         return self
@@ -83,15 +106,14 @@ class EncodeRequest(WireModel):
 class EncodeResponse(WireModel):
     """``prompt_embeds`` (P, L, D); ``negative_prompt_embeds`` too when guidance is on."""
 
-    prompt_embeds: Tensor
-    negative_prompt_embeds: Tensor | None = None
+    prompt_embeds: Embeds
+    negative_prompt_embeds: Embeds | None = None
     encode_ms: float = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> EncodeResponse:
-        _check_float(self.prompt_embeds, "prompt_embeds", 3)
         if self.negative_prompt_embeds is not None and self.negative_prompt_embeds.shape != self.prompt_embeds.shape:
-            raise ValueError("`negative_prompt_embeds` and `prompt_embeds` differ in shape")
+            raise _invalid("`negative_prompt_embeds` and `prompt_embeds` differ in shape")
         return self
 
 
@@ -104,8 +126,8 @@ class DenoiseRequest(WireModel):
     ``p * num_images_per_prompt`` up to ``(p + 1) * num_images_per_prompt - 1``.
     """
 
-    prompt_embeds: Tensor
-    negative_prompt_embeds: Tensor | None = None
+    prompt_embeds: Embeds
+    negative_prompt_embeds: Embeds | None = None
     num_images_per_prompt: int = Field(default=1, ge=1, le=64)
     height: int = Field(ge=8, le=8192)
     width: int = Field(ge=8, le=8192)
@@ -114,8 +136,24 @@ class DenoiseRequest(WireModel):
     eta: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     scheduler: str | None = Field(default=None, max_length=128)
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(default=None, max_length=4096)
-    latents: Tensor | None = None
+    latents: Latents | None = None
     model: str | None = Field(default=None, max_length=128)
+
+    # Image conditioning (img2img / inpaint). The init image arrives as the VAE posterior's moments so the
+    # UNet draws every sample from the request's generators in exactly the pipeline's order.
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    image_latent_mean: Latents | None = None
+    image_latent_std: Latents | None = None
+    masked_image_latent_mean: Latents | None = None
+    masked_image_latent_std: Latents | None = None
+    mask: Tensor | None = Field(default=None, description="(1, 1, H, W) pixel-level mask, 1 = repaint.")
+    scaling_factor: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+    @property
+    def task(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.image_latent_mean is not None else "txt2img"
 
     @property
     def batch_size(self) -> int:
@@ -127,47 +165,92 @@ class DenoiseRequest(WireModel):
 
     @model_validator(mode="after")
     def _check(self) -> DenoiseRequest:
-        _check_float(self.prompt_embeds, "prompt_embeds", 3)
         if self.do_classifier_free_guidance:
             if self.negative_prompt_embeds is None:
-                raise ValueError("`negative_prompt_embeds` is required when `guidance_scale` > 1")
+                raise _invalid("`negative_prompt_embeds` is required when `guidance_scale` > 1")
             if self.negative_prompt_embeds.shape != self.prompt_embeds.shape:
-                raise ValueError(
+                raise _invalid(
                     f"`negative_prompt_embeds` has shape {list(self.negative_prompt_embeds.shape)} but "
                     f"`prompt_embeds` has {list(self.prompt_embeds.shape)}"
                 )
         if (self.seeds is None) == (self.latents is None):
-            raise ValueError("give exactly one of `seeds` and `latents`")
+            raise _invalid("give exactly one of `seeds` and `latents`")
         if self.seeds is not None and len(self.seeds) != self.batch_size:
-            raise ValueError(f"`seeds` has {len(self.seeds)} entries; the batch has {self.batch_size} images")
-        if self.latents is not None:
-            _check_float(self.latents, "latents", 4)
-            if self.latents.shape[0] != self.batch_size:
-                raise ValueError(f"`latents` has {self.latents.shape[0]} images; the batch has {self.batch_size}")
+            raise _invalid(f"`seeds` has {len(self.seeds)} entries; the batch has {self.batch_size} images")
+        if self.latents is not None and self.latents.shape[0] != self.batch_size:
+            raise _invalid(f"`latents` has {self.latents.shape[0]} images; the batch has {self.batch_size}")
+        self._check_image_conditioning()
         return self
+
+    def _check_image_conditioning(self) -> None:
+        pairs = (("image_latent_mean", "image_latent_std"), ("masked_image_latent_mean", "masked_image_latent_std"))
+        for mean_name, std_name in pairs:
+            mean, std = getattr(self, mean_name), getattr(self, std_name)
+            if (mean is None) != (std is None):
+                raise _invalid(f"`{mean_name}` and `{std_name}` come together")
+            if mean is not None and (mean.shape != std.shape or mean.shape[0] != 1):
+                raise _invalid(f"`{mean_name}` and `{std_name}` must both have shape (1, C, h, w)")
+        if self.image_latent_mean is None:
+            if self.mask is not None or self.strength is not None:
+                raise _invalid("`strength` and `mask` need `image_latent_mean` and `image_latent_std`")
+            return
+        if self.strength is None or self.scaling_factor is None:
+            raise _invalid("image conditioning needs `strength` and `scaling_factor`")
+        if self.latents is not None:
+            raise _invalid("`latents` cannot be combined with image conditioning; send `seeds`")
+        if self.mask is not None:
+            if self.mask.dtype != torch.uint8 or self.mask.dim() != 4 or tuple(self.mask.shape[:2]) != (1, 1):
+                raise _invalid(f"`mask` must be uint8 (1, 1, H, W), got {self.mask.dtype} {list(self.mask.shape)}")
+            if self.masked_image_latent_mean is None:
+                raise _invalid("`mask` needs `masked_image_latent_mean` and `masked_image_latent_std`")
 
 
 class DenoiseResponse(WireModel):
-    latents: Tensor
+    latents: Latents
     scheduler: str
     denoise_ms: float = 0.0
-
-    @model_validator(mode="after")
-    def _check(self) -> DenoiseResponse:
-        _check_float(self.latents, "latents", 4)
-        return self
 
 
 # ----------------------------------------------------------------------------------------- VAE
 class DecodeRequest(WireModel):
     """Final latents (B, C, h, w), *unscaled* (the VAE stage divides by its own scaling factor)."""
 
-    latents: Tensor
+    latents: Latents
+
+
+class EncodeImageRequest(WireModel):
+    """Images to encode, uint8 (B, H, W, 3) at their final size; ``mask`` (1, 1, H, W) uint8 0/1 adds the
+    moments of ``image * (mask < 0.5)`` as the inpaint pipeline computes them. With ``seeds`` the stage also
+    samples latents (scaled by the VAE's scaling factor), image ``i`` with generator ``seeds[i]``."""
+
+    images: Tensor
+    mask: Tensor | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(default=None, max_length=4096)
 
     @model_validator(mode="after")
-    def _check(self) -> DecodeRequest:
-        _check_float(self.latents, "latents", 4)
+    def _check(self) -> EncodeImageRequest:
+        t = self.images
+        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] != 3 or t.numel() == 0:
+            raise _invalid(f"`images` must be uint8 (B, H, W, 3), got {t.dtype} {list(t.shape)}")
+        if self.mask is not None:
+            m = self.mask
+            if m.dtype != torch.uint8 or tuple(m.shape) != (1, 1, t.shape[1], t.shape[2]):
+                raise _invalid(f"`mask` must be uint8 (1, 1, {t.shape[1]}, {t.shape[2]}), got {list(m.shape)}")
+        if self.seeds is not None and len(self.seeds) != t.shape[0]:
+            raise _invalid(f"`seeds` has {len(self.seeds)} entries for {t.shape[0]} images")
         return self
+
+
+class EncodeImageResponse(WireModel):
+    """The VAE posterior's ``latent_mean`` / ``latent_std`` (B, C, h, w), unscaled; ``masked_*`` with a mask;
+    ``latents`` (scaled samples) when seeds were given."""
+
+    latent_mean: Tensor
+    latent_std: Tensor
+    masked_latent_mean: Tensor | None = None
+    masked_latent_std: Tensor | None = None
+    latents: Tensor | None = None
+    encode_ms: float = 0.0
 
 
 class DecodeResponse(WireModel):
@@ -180,7 +263,7 @@ class DecodeResponse(WireModel):
     def _check(self) -> DecodeResponse:
         t = self.images
         if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] != 3:
-            raise ValueError(f"`images` must be uint8 (B, H, W, 3), got {t.dtype} {list(t.shape)}")
+            raise _invalid(f"`images` must be uint8 (B, H, W, 3), got {t.dtype} {list(t.shape)}")
         return self
 
 

@@ -55,7 +55,8 @@ class StageRuntime:
             self._load(model)
             self._warm_up()
         except Exception as exc:
-            self._load_error = f"{type(exc).__name__}: {exc}"
+            # The details (paths included) go to the log only; clients see the kind of failure.
+            self._load_error = f"{type(exc).__name__}; see the service log"
             log.exception("%s failed to load its model", self.stage)
             raise
         self._ready.set()

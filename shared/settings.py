@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=8192, ge=1)
 
     log_level: str = "INFO"
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="After SIGTERM: how long in-flight requests may take before the process exits."
+    )
 
     @field_validator("text_encoder_url", "diffusion_unet_url", "vae_decoder_url")
     @classmethod

@@ -21,6 +21,7 @@ from shared.errors import (
     validation_error,
 )
 from shared.runtime import StageRuntime
+from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("triptych.stage")
@@ -122,6 +123,7 @@ def build_stage_app(
     *,
     title: str,
     owns_runtime: bool = True,
+    settings: Settings | None = None,
 ) -> FastAPI:
     """A stage app around ``runtime``. The model loads in the background at start-up, so ``/healthz``
     answers at once and ``/readyz`` turns 200 when the weights are in and warmed up. An app that does not
@@ -143,7 +145,7 @@ def build_stage_app(
 
     app = FastAPI(title=title, version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
-    app.state.limits = wire.Limits(max_body_bytes=runtime.settings.max_body_bytes)
+    app.state.limits = wire.Limits(max_body_bytes=(settings or runtime.settings).max_body_bytes)
     install_error_handlers(app)
 
     @app.get("/healthz", summary="Process is alive")

@@ -22,4 +22,4 @@ def build_app(settings: Settings | None = None, runtime: TextEncoderRuntime | No
         TextEncoderRuntime.encode,
         summary="Prompts to prompt_embeds (and negative_prompt_embeds)",
     )
-    return build_stage_app(runtime, router, title="Triptych text encoder", owns_runtime=owns_runtime)
+    return build_stage_app(runtime, router, title="Triptych text encoder", owns_runtime=owns_runtime, settings=settings)

@@ -18,4 +18,4 @@ def build_app(settings: Settings | None = None, runtime: VaeRuntime | None = Non
     message_route(
         router, "/v1/decode", DecodeRequest, VaeRuntime.decode, summary="Latents to uint8 images (B, H, W, 3)"
     )
-    return build_stage_app(runtime, router, title="Triptych VAE decoder", owns_runtime=owns_runtime)
+    return build_stage_app(runtime, router, title="Triptych VAE decoder", owns_runtime=owns_runtime, settings=settings)
