@@ -91,10 +91,9 @@ class UNetRuntime(StageRuntime):
     def _load(self, model: str) -> None:
         from diffusers import UNet2DConditionModel
 
+        base_unet = load_component(UNet2DConditionModel, model, "unet")
         base_scheduler = dict(_SchedulerConfig.load_config(model, subfolder="scheduler"))  # type: ignore[arg-type]
-        self.variants: dict[str, UNetVariant] = {
-            BASE: self._load_variant(BASE, model, load_component(UNet2DConditionModel, model, "unet"), base_scheduler)
-        }
+        self.variants: dict[str, UNetVariant] = {BASE: self._load_variant(BASE, model, base_unet, base_scheduler)}
         for name, path in parse_variants(self.settings.unet_variants).items():
             local = Path(path)
             if (local / "unet").is_dir() or not local.exists():

@@ -133,7 +133,11 @@ def served_all(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """The four services as separate processes (`triptych serve all`) on free loopback ports."""
     base = free_port_block()
     log_path = tmp_path_factory.mktemp("serve-all") / "serve-all.log"
-    env = {**os.environ, "TRIPTYCH_MODEL": str(tiny_model), "TRIPTYCH_DEVICE": "cpu", "TRIPTYCH_LOG_LEVEL": "WARNING"}
+    # Only our own settings: a TRIPTYCH_* variable left by the caller's shell must not change the services.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPTYCH_")}
+    env.update(
+        TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DTYPE="float32", TRIPTYCH_LOG_LEVEL="WARNING"
+    )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "central.cli", "serve", "all", "--host", "127.0.0.1", "--port", str(base)],

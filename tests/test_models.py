@@ -113,8 +113,14 @@ def test_bfloat16_stages_run_end_to_end(tiny_model: Path) -> None:
     enc = te.encode(EncodeRequest(prompt=["a cat"]))
     assert enc.prompt_embeds.dtype == torch.bfloat16
     den = un.denoise(
-        DenoiseRequest(prompt_embeds=enc.prompt_embeds, negative_prompt_embeds=enc.negative_prompt_embeds,
-                       height=64, width=64, num_inference_steps=2, seeds=[0])
+        DenoiseRequest(
+            prompt_embeds=enc.prompt_embeds,
+            negative_prompt_embeds=enc.negative_prompt_embeds,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            seeds=[0],
+        )
     )
     images = va.decode(DecodeRequest(latents=den.latents)).images
     assert images.dtype == torch.uint8 and tuple(images.shape) == (1, 64, 64, 3)
@@ -124,8 +130,13 @@ def test_bfloat16_stages_run_end_to_end(tiny_model: Path) -> None:
 
 
 def test_settings_come_from_env_and_flags_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from central.cli import _apply_flags
+    from central.cli import FLAG_ENV, _apply_flags
 
+    # _apply_flags exports what it sets (so `serve all` children see it): register every variable it may
+    # touch with monkeypatch so they are restored and do not leak into later tests' processes.
+    for env in FLAG_ENV.values():
+        monkeypatch.setenv(env, "")  # records the original value (or its absence) for teardown
+        monkeypatch.delenv(env)
     monkeypatch.setenv("TRIPTYCH_MODEL", "/from/env")
     monkeypatch.setenv("TRIPTYCH_DIFFUSION_UNET_URL", "http://unet:8002/")
     assert Settings().model == "/from/env"

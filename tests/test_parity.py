@@ -56,9 +56,7 @@ def central_local(settings, te_runtime, unet_runtime, vae_runtime):  # type: ign
 
 def test_encode_matches_pipeline_encode_prompt(te_runtime, sd_pipeline) -> None:  # type: ignore[no-untyped-def]
     ours = te_runtime.encode(EncodeRequest(prompt=["a cat", "a dog"], negative_prompt=["ugly", ""]))
-    ref_pos, ref_neg = sd_pipeline.encode_prompt(
-        ["a cat", "a dog"], "cpu", 1, True, negative_prompt=["ugly", ""]
-    )
+    ref_pos, ref_neg = sd_pipeline.encode_prompt(["a cat", "a dog"], "cpu", 1, True, negative_prompt=["ugly", ""])
     assert torch.equal(ours.prompt_embeds, ref_pos)
     assert torch.equal(ours.negative_prompt_embeds, ref_neg)
 
@@ -122,8 +120,9 @@ def test_stage_calls_match_pipeline_latents(te_runtime, unet_runtime, vae_runtim
 
 def test_image_i_uses_seed_plus_i(central_local) -> None:  # type: ignore[no-untyped-def]
     """The second image of seed s is the first image of seed s+1: users can reproduce any one image."""
-    both = central_local.post("/v1/txt2img", json={"prompt": "p", "seed": 100, "num_images": 2,
-                                                   "num_inference_steps": 2}).json()
+    both = central_local.post(
+        "/v1/txt2img", json={"prompt": "p", "seed": 100, "num_images": 2, "num_inference_steps": 2}
+    ).json()
     second = central_local.post("/v1/txt2img", json={"prompt": "p", "seed": 101, "num_inference_steps": 2}).json()
     assert both["seeds"] == [100, 101]
     assert max_diff(decode_png(both["images"][1]), decode_png(second["images"][0])) == 0
@@ -132,18 +131,35 @@ def test_image_i_uses_seed_plus_i(central_local) -> None:  # type: ignore[no-unt
 
 def test_four_processes_over_http_match_diffusers(served_all, sd_pipeline) -> None:  # type: ignore[no-untyped-def]
     """The whole topology as separate processes (what `make run` starts) returns diffusers' pixels."""
-    body = {"prompt": "a castle on a hill", "negative_prompt": "fog", "seed": 31, "num_images": 2,
-            "num_inference_steps": 4, "guidance_scale": 6.5}
+    body = {
+        "prompt": "a castle on a hill",
+        "negative_prompt": "fog",
+        "seed": 31,
+        "num_images": 2,
+        "num_inference_steps": 4,
+        "guidance_scale": 6.5,
+    }
     r = httpx.post(f"{served_all}/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     ours = np.stack([decode_png(b) for b in r.json()["images"]])
-    ref = reference_images(sd_pipeline, prompt=body["prompt"], seed=31, num_images=2, negative_prompt="fog",
-                           guidance_scale=6.5, num_inference_steps=4)
+    ref = reference_images(
+        sd_pipeline,
+        prompt=body["prompt"],
+        seed=31,
+        num_images=2,
+        negative_prompt="fog",
+        guidance_scale=6.5,
+        num_inference_steps=4,
+    )
     assert max_diff(ours, ref) == 0
 
     # The README's curl: `Accept: image/png` gives the PNG itself.
-    r = httpx.post(f"{served_all}/v1/txt2img", json={"prompt": "a fox", "seed": 42, "num_inference_steps": 3},
-                   headers={"Accept": "image/png"}, timeout=120)
+    r = httpx.post(
+        f"{served_all}/v1/txt2img",
+        json={"prompt": "a fox", "seed": 42, "num_inference_steps": 3},
+        headers={"Accept": "image/png"},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-seed"] == "42"
     ours = np.asarray(Image.open(io.BytesIO(r.content)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import subprocess
@@ -55,8 +56,11 @@ HOSTILE = [
 @pytest.mark.parametrize(("body", "status"), HOSTILE)
 def test_hostile_bodies_to_every_stage_process(served_all, body: bytes, status: int) -> None:  # type: ignore[no-untyped-def]
     urls = stage_urls(served_all)
-    for stage, path in (("text_encoder", "/v1/encode"), ("diffusion_unet", "/v1/denoise"),
-                        ("vae_decoder", "/v1/decode")):
+    for stage, path in (
+        ("text_encoder", "/v1/encode"),
+        ("diffusion_unet", "/v1/denoise"),
+        ("vae_decoder", "/v1/decode"),
+    ):
         r = httpx.post(urls[stage] + path, content=body, headers={"content-type": wire.CONTENT_TYPE}, timeout=30)
         assert r.status_code == status, (stage, r.text)
         err = r.json()["error"]
@@ -91,12 +95,32 @@ def test_generate_cli_with_local_encode_and_decode(served_all, sd_pipeline, tiny
     """keras-sd-serving's "one endpoint, two local": encoder and VAE here, only the UNet remote."""
     urls = stage_urls(served_all)
     out = tmp_path / "out.png"
-    cmd = [sys.executable, "-m", "central.cli", "generate", "a quiet harbour", "-o", str(out), "--seed", "5",
-           "--steps", "2", "--local-stages", "encode,decode", "--model", str(tiny_model),
-           "--diffusion-unet-url", urls["diffusion_unet"],
-           # Unreachable on purpose: the local stages must not need their services.
-           "--text-encoder-url", "http://127.0.0.1:9", "--vae-decoder-url", "http://127.0.0.1:9"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    cmd = [
+        sys.executable,
+        "-m",
+        "central.cli",
+        "generate",
+        "a quiet harbour",
+        "-o",
+        str(out),
+        "--seed",
+        "5",
+        "--steps",
+        "2",
+        "--local-stages",
+        "encode,decode",
+        "--model",
+        str(tiny_model),
+        "--diffusion-unet-url",
+        urls["diffusion_unet"],
+        # Unreachable on purpose: the local stages must not need their services.
+        "--text-encoder-url",
+        "http://127.0.0.1:9",
+        "--vae-decoder-url",
+        "http://127.0.0.1:9",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPTYCH_")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seed 5" in proc.stdout
     ours = np.asarray(Image.open(out))
@@ -107,9 +131,25 @@ def test_generate_cli_with_local_encode_and_decode(served_all, sd_pipeline, tiny
 def test_generate_cli_remote_writes_the_png(served_all, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "remote.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "central.cli", "generate", "a fox", "-o", str(out), "--url", served_all,
-         "--seed", "42", "--steps", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "central.cli",
+            "generate",
+            "a fox",
+            "-o",
+            str(out),
+            "--url",
+            served_all,
+            "--seed",
+            "42",
+            "--steps",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Image.open(out).format == "PNG"
@@ -121,8 +161,9 @@ def test_readyz_names_the_incompatible_dimension(served_all, tmp_path: Path) -> 
 
     wide = create_tiny(tmp_path / "wide", preset="sd15")
     urls = stage_urls(served_all)
-    settings = Settings(model=str(wide), device="cpu", diffusion_unet_url=urls["diffusion_unet"],
-                        vae_decoder_url=urls["vae_decoder"])
+    settings = Settings(
+        model=str(wide), device="cpu", diffusion_unet_url=urls["diffusion_unet"], vae_decoder_url=urls["vae_decoder"]
+    )
     te = TextEncoderRuntime(settings)
     te.load()
     remote = http_orchestrator(settings)
@@ -138,8 +179,12 @@ def test_readyz_names_the_incompatible_dimension(served_all, tmp_path: Path) -> 
 
 
 def test_central_reports_a_stage_that_is_down(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(model=str(tiny_model), text_encoder_url="http://127.0.0.1:9",
-                        diffusion_unet_url="http://127.0.0.1:9", vae_decoder_url="http://127.0.0.1:9")
+    settings = Settings(
+        model=str(tiny_model),
+        text_encoder_url="http://127.0.0.1:9",
+        diffusion_unet_url="http://127.0.0.1:9",
+        vae_decoder_url="http://127.0.0.1:9",
+    )
     with TestClient(build_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
