@@ -9,17 +9,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from central.clients import HttpTransport, LocalTransport, TextEncoderClient, Transport, UNetClient, VaeClient
+from central.images import read_form
 from central.pipeline import Generation, Orchestrator
 from shared import __version__
 from shared.errors import (
@@ -31,11 +32,13 @@ from shared.errors import (
     install_error_handlers,
     validation_error,
 )
-from shared.protocol import Txt2ImgRequest, Txt2ImgResponse
+from shared.observability import install_observability
+from shared.protocol import Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest, Txt2ImgResponse
 from shared.settings import Settings, get_settings
 from shared.stage_app import read_body
 
 log = logging.getLogger("triptych.central")
+T = TypeVar("T", bound=BaseModel)
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
@@ -44,19 +47,25 @@ FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 def http_orchestrator(settings: Settings) -> Orchestrator:
     """Clients for three stage services at the configured URLs, each hop with its own timeout."""
 
-    def transport(stage: str, url: str, op: str, timeout_s: float) -> HttpTransport:
+    def transport(stage: str, url: str, ops: dict[str, float]) -> HttpTransport:
         return HttpTransport(
             stage,
             url,
-            op_timeouts_s={op: timeout_s},
+            op_timeouts_s=ops,
             connect_timeout_s=settings.connect_timeout_s,
             info_timeout_s=settings.info_timeout_s,
         )
 
     return Orchestrator(
-        TextEncoderClient(transport("text_encoder", settings.text_encoder_url, "encode", settings.encode_timeout_s)),
-        UNetClient(transport("diffusion_unet", settings.diffusion_unet_url, "denoise", settings.denoise_timeout_s)),
-        VaeClient(transport("vae_decoder", settings.vae_decoder_url, "decode", settings.decode_timeout_s)),
+        TextEncoderClient(transport("text_encoder", settings.text_encoder_url, {"encode": settings.encode_timeout_s})),
+        UNetClient(transport("diffusion_unet", settings.diffusion_unet_url, {"denoise": settings.denoise_timeout_s})),
+        VaeClient(
+            transport(
+                "vae_decoder",
+                settings.vae_decoder_url,
+                {"decode": settings.decode_timeout_s, "encode_image": settings.decode_timeout_s},
+            )
+        ),
         settings,
     )
 
@@ -136,20 +145,38 @@ def get_orchestrator(request: Request) -> Orchestrator:
 OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 
 
-async def read_json_request(request: Request, settings: Settings) -> Txt2ImgRequest:
+async def read_task_request(request: Request, settings: Settings, model: type[T]) -> T:
+    """A task request from a JSON body, or (image tasks) from multipart/form-data with images as files."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    takes_files = "image" in model.model_fields
+    if takes_files and content_type == "multipart/form-data":
+        fields, files = await read_form(request, max_bytes=2 * settings.max_image_bytes + settings.max_json_body_bytes)
+        data: dict[str, Any] = {**fields, **files}
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc.errors(include_url=False)) from None
     if content_type != "application/json":
-        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'}")
+        allowed = "application/json or multipart/form-data" if takes_files else "application/json"
+        raise UnsupportedMediaType(f"Content-Type must be {allowed}, got {content_type or 'none'}")
     body = await read_body(request, settings.max_json_body_bytes)
     if not body:
         raise MalformedRequest("request body is empty; send a JSON object with at least `prompt`")
     try:
-        return Txt2ImgRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors and errors[0].get("type") in ("json_invalid", "json_type"):
             raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
         raise validation_error(errors) from None
+
+
+def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if "image" in model.model_fields:
+        content["multipart/form-data"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def build_app(
@@ -190,6 +217,7 @@ def build_app(
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_observability(app, service="central", drain_timeout_s=settings.drain_timeout_s)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:
@@ -218,36 +246,50 @@ def build_app(
                 stages[name] = result.model_dump()
         return {"service": "central", "version": __version__, "stages": stages}
 
-    @app.post(
-        "/v1/txt2img",
-        summary="Text to image",
-        response_model=Txt2ImgResponse,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": Txt2ImgRequest.model_json_schema()}},
-            }
-        },
-        responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
-    )
-    async def txt2img(request: Request, orch: OrchestratorDep) -> Response:
-        start = time.perf_counter()
-        req = await read_json_request(request, settings)
-        as_file = wanted_image_format(request.headers.get("accept", ""))
-        if as_file and req.num_images != 1:
-            raise InvalidValue(
-                f"`Accept: {MEDIA_TYPES[as_file]}` returns one image, but `num_images` is {req.num_images}; "
-                "ask for application/json to get several",
-                param="num_images",
-            )
-        gen = await orch.txt2img(req)
-        return await render(gen, as_file or req.output_format, bool(as_file), start)
+    @app.get("/v1/schedulers", summary="Schedulers the UNet can use: diffusers class names and A1111 aliases")
+    async def list_schedulers(orch: OrchestratorDep, model: str | None = None) -> list[dict[str, Any]]:
+        return await orch.schedulers(model)
+
+    def _task_endpoint(model: type[Txt2ImgRequest]) -> Any:
+        async def endpoint(request: Request, orch: OrchestratorDep) -> Response:
+            start = time.perf_counter()
+            req = await read_task_request(request, settings, model)
+            as_file = wanted_image_format(request.headers.get("accept", ""))
+            if as_file and req.num_images != 1:
+                raise InvalidValue(
+                    f"`Accept: {MEDIA_TYPES[as_file]}` returns one image, but `num_images` is {req.num_images}; "
+                    "ask for application/json to get several",
+                    param="num_images",
+                )
+            gen = await orch.generate(req)
+            return await render(gen, as_file or req.output_format, bool(as_file), start)
+
+        endpoint.__name__ = model.__name__.removesuffix("Request").lower()
+        return endpoint
+
+    tasks: dict[str, tuple[type[Txt2ImgRequest], str]] = {
+        "/v1/txt2img": (Txt2ImgRequest, "Text to image"),
+        "/v1/img2img": (Img2ImgRequest, "Image to image (StableDiffusionImg2ImgPipeline)"),
+        "/v1/inpaint": (InpaintRequest, "Inpainting (StableDiffusionInpaintPipeline)"),
+        "/v1/outpaint": (OutpaintRequest, "Outpainting: extend the canvas, then inpaint the border"),
+    }
+    for path, (model, summary) in tasks.items():
+        app.add_api_route(
+            path,
+            _task_endpoint(model),
+            methods=["POST"],
+            summary=summary,
+            response_model=Txt2ImgResponse,
+            openapi_extra=_request_body_doc(model),
+            responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
+        )
 
     async def render(gen: Generation, fmt: str, as_file: bool, start: float) -> Response:
         t0 = time.perf_counter()
         files = await run_in_threadpool(encode_images, gen.images, fmt)
         image_ms = (time.perf_counter() - t0) * 1000
         timings = {
+            **({"encode_image_ms": gen.timings_ms["encode_image_ms"]} if "encode_image_ms" in gen.timings_ms else {}),
             "encode_ms": gen.timings_ms["encode_ms"],
             "denoise_ms": gen.timings_ms["denoise_ms"],
             "decode_ms": gen.timings_ms["decode_ms"],

@@ -29,6 +29,7 @@ FLAG_ENV = {
     "diffusion_unet_url": "TRIPTYCH_DIFFUSION_UNET_URL",
     "vae_decoder_url": "TRIPTYCH_VAE_DECODER_URL",
     "log_level": "TRIPTYCH_LOG_LEVEL",
+    "drain_timeout": "TRIPTYCH_DRAIN_TIMEOUT_S",
 }
 
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, help="default: 8000 central, 8001-8003 the stages; for `all` the base")
     serve.add_argument("--embedded", action="store_true", help="central only: run the stages in-process")
+    serve.add_argument(
+        "--drain-timeout", type=float, help="seconds in-flight requests get after SIGTERM (TRIPTYCH_DRAIN_TIMEOUT_S)"
+    )
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -133,18 +137,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.embedded and args.service != "central":
         print("--embedded applies to `serve central` only", file=sys.stderr)
         return 2
-    import uvicorn
+    from shared.observability import serve
 
     port = args.port or DEFAULT_PORTS[args.service.replace("-", "_")]
     app = build_service_app(args.service, settings, embedded=args.embedded)
-    uvicorn.run(app, host=args.host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    # SIGTERM/SIGINT: /readyz and new work get 503, in-flight requests finish (up to the drain timeout), exit 0.
+    serve(app, host=args.host, port=port, log_level=settings.log_level)
     return 0
 
 
 def serve_all(settings: Settings, host: str, base_port: int) -> int:
     """Start the four services as processes (the compose topology without Docker) and supervise them.
 
-    If one exits, the others are stopped and its name and exit code are printed. Ctrl-C stops all four.
+    If one exits, the others are stopped and its name and exit code are printed. Ctrl-C (or SIGTERM) stops
+    all four gracefully: central first, so that the requests it is finishing can still reach the stages.
     """
     from shared.models import resolve_model
 
@@ -158,7 +164,8 @@ def serve_all(settings: Settings, host: str, base_port: int) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name in reversed(SERVICES):  # stages first, central last
         cmd = [sys.executable, "-m", "central.cli", "serve", name, "--host", host, "--port", str(ports[name])]
-        procs[name] = subprocess.Popen(cmd, env=env)
+        # Own process group: a terminal's Ctrl-C reaches only this supervisor, which stops them in order.
+        procs[name] = subprocess.Popen(cmd, env=env, process_group=0)
 
     stopping = False
 
@@ -186,16 +193,24 @@ def serve_all(settings: Settings, host: str, base_port: int) -> int:
 
     if failed:
         print(f"triptych: {failed[0]} exited with code {failed[1]}; stopping the other services", file=sys.stderr)
-    for proc in procs.values():
+    # Each drains for up to drain_timeout_s after SIGTERM; past that (and a margin), kill it.
+    wait_s = settings.drain_timeout_s + 10
+    _terminate([procs["central"]], wait_s)
+    _terminate([p for name, p in procs.items() if name != "central"], wait_s)
+    return 1 if failed else 0
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], wait_s: float) -> None:
+    for proc in procs:
         if proc.poll() is None:
             proc.terminate()
-    deadline = time.monotonic() + 35
-    for proc in procs.values():
+    deadline = time.monotonic() + wait_s
+    for proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-    return 1 if failed else 0
+            proc.wait()
 
 
 def _is_ready(url: str) -> bool:

@@ -23,11 +23,14 @@ from shared.errors import (
     TriptychError,
     UpstreamClientError,
 )
+from shared.observability import trace_event_hooks
 from shared.protocol import (
     DecodeRequest,
     DecodeResponse,
     DenoiseRequest,
     DenoiseResponse,
+    EncodeImageRequest,
+    EncodeImageResponse,
     EncodeRequest,
     EncodeResponse,
     StageInfo,
@@ -78,6 +81,7 @@ class HttpTransport:
             base_url=base_url,
             transport=transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            event_hooks=trace_event_hooks(stage),  # X-Request-ID + traceparent on every hop; hop timings
         )
 
     def _timeout(self, seconds: float) -> httpx.Timeout:
@@ -118,7 +122,7 @@ class HttpTransport:
         raise StageBadResponse(f"{self.stage} answered {path} with HTTP {status}: {message}")
 
     async def call(self, op: str, request: WireModel, response_type: type[R]) -> R:
-        path = f"/v1/{op}"
+        path = "/v1/" + op.replace("_", "-")  # runtime method encode_image <-> route /v1/encode-image
         response = await self._send(
             "POST",
             path,
@@ -195,3 +199,6 @@ class UNetClient(StageClient):
 class VaeClient(StageClient):
     async def decode(self, request: DecodeRequest) -> DecodeResponse:
         return await self.transport.call("decode", request, DecodeResponse)
+
+    async def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
+        return await self.transport.call("encode_image", request, EncodeImageResponse)

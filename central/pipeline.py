@@ -1,4 +1,9 @@
-"""The orchestrator: StableDiffusionPipeline.__call__ with each numbered step behind a stage client."""
+"""The orchestrator: the diffusers Stable Diffusion pipelines with each numbered step behind a stage client.
+
+One request is at most four hops, one per stage task: (VAE-encode the init image,) encode the prompt,
+denoise (the whole loop, in the UNet service), decode. Text-to-image, image-to-image, inpainting and
+outpainting differ only in what conditions the denoise call.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +13,59 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from starlette.concurrency import run_in_threadpool
 
 from central.clients import TextEncoderClient, UNetClient, VaeClient
+from central.images import check_size_multiple, decode_image, decode_mask
+from diffusion_unet import schedulers
 from shared.errors import InvalidValue, StageBadResponse, StageUnavailable
 from shared.protocol import (
     DecodeRequest,
     DenoiseRequest,
+    EncodeImageRequest,
     EncodeRequest,
+    Img2ImgRequest,
+    InpaintRequest,
+    OutpaintRequest,
     StageInfo,
     Txt2ImgRequest,
 )
 from shared.settings import Settings
 
+AnyTaskRequest = Txt2ImgRequest | Img2ImgRequest | InpaintRequest | OutpaintRequest
+INPAINTING_VARIANT = "inpainting"
+
+
+def unet_variants(unet: StageInfo) -> dict[str, dict[str, Any]]:
+    """Every UNet the service hosts, by name ("base" first), each with its own config."""
+    base = {k: v for k, v in unet.config.items() if k != "variants"}
+    return {"base": base, **unet.config.get("variants", {})}
+
 
 def compatibility_problems(te: StageInfo, unet: StageInfo, vae: StageInfo) -> list[str]:
-    """Every way the three stages disagree (SPEC §5), each naming the dimension and both values."""
-    t, u, v = te.config, unet.config, vae.config
+    """Every way the three stages disagree (SPEC §5), for every hosted UNet, naming the dimension and values."""
+    t, v = te.config, vae.config
     problems = []
 
     def check(what: str, left: str, lv: Any, right: str, rv: Any) -> None:
         if lv != rv:
             problems.append(f"{what}: {left} is {lv} but {right} is {rv}")
 
-    check(
-        "embedding width",
-        "text_encoder hidden_size",
-        t.get("hidden_size"),
-        "diffusion_unet cross_attention_dim",
-        u.get("cross_attention_dim"),
-    )
-    check(
-        "latent channels",
-        "diffusion_unet out_channels",
-        u.get("out_channels"),
-        "vae_decoder latent_channels",
-        v.get("latent_channels"),
-    )
-    check(
-        "vae scale factor",
-        "diffusion_unet vae_scale_factor",
-        u.get("vae_scale_factor"),
-        "vae_decoder vae_scale_factor",
-        v.get("vae_scale_factor"),
-    )
+    for name, u in unet_variants(unet).items():
+        who = "diffusion_unet" if name == "base" else f"diffusion_unet variant {name!r}"
+        check("embedding width", "text_encoder hidden_size", t.get("hidden_size"),
+              f"{who} cross_attention_dim", u.get("cross_attention_dim"))  # fmt: skip
+        check("latent channels", f"{who} out_channels", u.get("out_channels"),
+              "vae_decoder latent_channels", v.get("latent_channels"))  # fmt: skip
+        check("vae scale factor", f"{who} vae_scale_factor", u.get("vae_scale_factor"),
+              "vae_decoder vae_scale_factor", v.get("vae_scale_factor"))  # fmt: skip
+        in_ch, out_ch = u.get("in_channels"), u.get("out_channels")
+        if isinstance(out_ch, int) and in_ch not in (out_ch, 2 * out_ch + 1):
+            problems.append(f"input channels: {who} in_channels is {in_ch}; expected {out_ch} or {2 * out_ch + 1}")
     return problems
 
 
@@ -64,6 +78,15 @@ class Generation:
     parameters: dict[str, Any]
     timings_ms: dict[str, float]
     compute_ms: dict[str, float]
+
+
+@dataclass
+class Conditioning:
+    """An init image (and mask) prepared exactly as the diffusers pipelines preprocess them."""
+
+    image: np.ndarray  # uint8 (1, H, W, 3) at the output size
+    mask: np.ndarray | None  # uint8 (1, 1, H, W), 0/1, 1 = repaint
+    strength: float
 
 
 class Orchestrator:
@@ -97,22 +120,33 @@ class Orchestrator:
     async def aclose(self) -> None:
         await asyncio.gather(self.text_encoder.aclose(), self.unet.aclose(), self.vae.aclose())
 
-    # ------------------------------------------------------------------ txt2img
-    def _resolve(self, req: Txt2ImgRequest, unet: StageInfo) -> dict[str, Any]:
-        """Fill defaults the way StableDiffusionPipeline.__call__ does and check every value's range."""
+    async def schedulers(self, model: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/schedulers``: the catalogue for the chosen UNet (default the base one)."""
+        _, unet_info, _ = await self.infos()
+        variant = self._variant(unet_info, model)
+        return schedulers.catalogue(variant["schedulers"])
+
+    # ------------------------------------------------------------------ parameters
+    @staticmethod
+    def _variant(unet: StageInfo, model: str | None) -> dict[str, Any]:
+        variants = unet_variants(unet)
+        key = model or "base"
+        if key not in variants:
+            raise InvalidValue(f"`model` {model!r} is not hosted; available: {', '.join(variants)}", param="model")
+        return variants[key]
+
+    def _resolve(
+        self, req: AnyTaskRequest, variant: dict[str, Any], model: str | None, size: tuple[int, int] | None
+    ) -> dict[str, Any]:
+        """Fill defaults the way the diffusers pipelines do and check every value's range."""
         s = self.settings
-        vsf = int(unet.config["vae_scale_factor"])
-        native = int(unet.config["sample_size"]) * vsf
-        height = req.height or native
-        width = req.width or native
+        vsf = int(variant["vae_scale_factor"])
+        native = int(variant["sample_size"]) * vsf
+        width, height = size or (req.width or native, req.height or native)
         for name, value in (("height", height), ("width", width)):
             if value > s.max_side:
                 raise InvalidValue(f"`{name}` is {value}; at most {s.max_side} is allowed", param=name)
-        if height % vsf or width % vsf:
-            raise InvalidValue(
-                f"`height` and `width` have to be divisible by {vsf} but are {height} and {width}.",
-                param="height" if height % vsf else "width",
-            )
+        check_size_multiple(width, height, vsf)
         if req.num_inference_steps > s.max_inference_steps:
             raise InvalidValue(
                 f"`num_inference_steps` is {req.num_inference_steps}; allowed 1..{s.max_inference_steps}",
@@ -120,13 +154,8 @@ class Orchestrator:
             )
         if req.num_images > s.max_num_images:
             raise InvalidValue(f"`num_images` is {req.num_images}; allowed 1..{s.max_num_images}", param="num_images")
-        scheduler = req.scheduler or str(unet.config["default_scheduler"])
-        known = unet.config.get("schedulers", [])
-        if known and scheduler not in known:
-            raise InvalidValue(
-                f"`scheduler` {scheduler!r} is not compatible with this model; choose one of: {', '.join(known)}",
-                param="scheduler",
-            )
+        scheduler = req.scheduler or str(variant["default_scheduler"])
+        scheduler_class, _ = schedulers.resolve(scheduler, list(variant["schedulers"]))
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         if seed + req.num_images - 1 > 2**63 - 1:
             raise InvalidValue("`seed` + `num_images` - 1 must fit in 63 bits", param="seed")
@@ -138,20 +167,106 @@ class Orchestrator:
             "num_inference_steps": req.num_inference_steps,
             "guidance_scale": req.guidance_scale,
             "scheduler": scheduler,
+            "scheduler_class": scheduler_class,
             "seed": seed,
             "num_images": req.num_images,
             "output_format": req.output_format,
-            "model": req.model or "base",
+            "model": model or "base",
         }
 
+    # ------------------------------------------------------------------ image preprocessing
+    def _read_image(self, data: str | bytes, param: str) -> PIL.Image.Image:
+        s = self.settings
+        return decode_image(data, param=param, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+
+    def _prepare(self, req: AnyTaskRequest, vsf: int) -> tuple[Conditioning, tuple[int, int], dict[str, Any]]:
+        """Decode, size and preprocess the init image and mask (CPU work: call it off the event loop)."""
+        s = self.settings
+        extra: dict[str, Any] = {}
+        assert isinstance(req, (Img2ImgRequest, InpaintRequest, OutpaintRequest))
+        image = self._read_image(req.image, "image")
+        mask_image: PIL.Image.Image | None = None
+        if isinstance(req, OutpaintRequest):
+            image, mask_image = outpaint_canvas(image, req.left, req.right, req.top, req.bottom)
+            if image.width * image.height > s.max_image_pixels:
+                raise InvalidValue(f"the outpainted canvas is {image.width}x{image.height}; too large", param="image")
+            extra = {"left": req.left, "right": req.right, "top": req.top, "bottom": req.bottom}
+            check_size_multiple(image.width, image.height, vsf, param_w="left", param_h="top")
+        elif isinstance(req, InpaintRequest):
+            mask_image = decode_mask(req.mask_image, param="mask_image", max_bytes=s.max_image_bytes,
+                                     max_pixels=s.max_image_pixels, size=image.size)  # fmt: skip
+        processor = VaeImageProcessor(vae_scale_factor=vsf)
+        if isinstance(req, Img2ImgRequest) and not (req.width or req.height):
+            # StableDiffusionImg2ImgPipeline: the image's own size, rounded down to a multiple of the factor.
+            height, width = processor.get_default_height_width(image)
+        else:
+            width, height = req.width or image.width, req.height or image.height
+            if isinstance(req, OutpaintRequest):
+                width, height = image.width, image.height
+        if width < vsf or height < vsf:
+            raise InvalidValue(f"`image` is {image.width}x{image.height}; the smallest size is {vsf}", param="image")
+        resized = processor.resize(image, height, width)
+        pixels = np.asarray(resized, dtype=np.uint8)[None].copy()
+        mask = None
+        if mask_image is not None:
+            mask_processor = VaeImageProcessor(
+                vae_scale_factor=vsf, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+            )
+            condition = mask_processor.preprocess(mask_image, height=height, width=width)
+            mask = condition.to(torch.uint8).numpy()
+        extra["strength"] = req.strength
+        return Conditioning(image=pixels, mask=mask, strength=req.strength), (width, height), extra
+
+    # ------------------------------------------------------------------ the pipeline
     async def txt2img(self, req: Txt2ImgRequest) -> Generation:
+        return await self.generate(req)
+
+    async def generate(self, req: AnyTaskRequest) -> Generation:
+        """Run one request of any task: the diffusers pipeline's steps, one stage hop each."""
         start = time.perf_counter()
-        _, unet_info, _ = await self.infos()
-        p = self._resolve(req, unet_info)
+        _, unet_info, vae_info = await self.infos()
+        model = req.model
+        if model is None and isinstance(req, (InpaintRequest, OutpaintRequest)):
+            # Like keras-sd-serving: an inpainting UNet when one is hosted, else the base UNet with blending.
+            model = INPAINTING_VARIANT if INPAINTING_VARIANT in unet_variants(unet_info) else None
+        variant = self._variant(unet_info, model)
+        conditioning: Conditioning | None = None
+        size: tuple[int, int] | None = None
+        extra: dict[str, Any] = {}
+        if isinstance(req, (Img2ImgRequest, InpaintRequest, OutpaintRequest)):
+            conditioning, size, extra = await run_in_threadpool(self._prepare, req, int(variant["vae_scale_factor"]))
+        p = {**self._resolve(req, variant, model, size), **extra}
         seeds = [p["seed"] + i for i in range(p["num_images"])]
         cfg = p["guidance_scale"] > 1.0
         hops: dict[str, float] = {}
         compute: dict[str, float] = {}
+        denoise_extra: dict[str, Any] = {}
+
+        # 4 (img2img/inpaint). VAE-encode the init image: posterior moments; the UNet samples them in order.
+        if conditioning is not None:
+            t0 = time.perf_counter()
+            enc_img = await self.vae.encode_image(
+                EncodeImageRequest(
+                    images=torch.from_numpy(conditioning.image),
+                    mask=None if conditioning.mask is None else torch.from_numpy(conditioning.mask),
+                )
+            )
+            hops["encode_image_ms"] = (time.perf_counter() - t0) * 1000
+            compute["encode_image"] = enc_img.encode_ms
+            denoise_extra = {
+                "strength": conditioning.strength,
+                "image_latent_mean": enc_img.latent_mean,
+                "image_latent_std": enc_img.latent_std,
+                "scaling_factor": float(vae_info.config["scaling_factor"]),
+            }
+            if conditioning.mask is not None:
+                if enc_img.masked_latent_mean is None or enc_img.masked_latent_std is None:
+                    raise StageBadResponse("vae_decoder returned no masked-image moments for a mask")
+                denoise_extra.update(
+                    mask=torch.from_numpy(conditioning.mask),
+                    masked_image_latent_mean=enc_img.masked_latent_mean,
+                    masked_image_latent_std=enc_img.masked_latent_std,
+                )
 
         # 3. Encode input prompt
         t0 = time.perf_counter()
@@ -164,13 +279,13 @@ class Orchestrator:
         )
         hops["encode_ms"] = (time.perf_counter() - t0) * 1000
         compute["encode"] = enc.encode_ms
-        width = int(unet_info.config["cross_attention_dim"])
+        width = int(variant["cross_attention_dim"])
         if enc.prompt_embeds.shape[0] != 1 or enc.prompt_embeds.shape[-1] != width:
             raise StageBadResponse(
                 f"text_encoder returned embeddings of shape {list(enc.prompt_embeds.shape)}; expected [1, L, {width}]"
             )
 
-        # 4-7. Timesteps, initial noise and the denoising loop, all inside the UNet service
+        # 5-7. Timesteps, initial latents and the denoising loop, all inside the UNet service
         t0 = time.perf_counter()
         den = await self.unet.denoise(
             DenoiseRequest(
@@ -183,13 +298,14 @@ class Orchestrator:
                 guidance_scale=p["guidance_scale"],
                 scheduler=p["scheduler"],
                 seeds=seeds,
-                model=req.model,
+                model=model,
+                **denoise_extra,
             )
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000
         compute["denoise"] = den.denoise_ms
-        vsf = int(unet_info.config["vae_scale_factor"])
-        want = (p["num_images"], int(unet_info.config["out_channels"]), p["height"] // vsf, p["width"] // vsf)
+        vsf = int(variant["vae_scale_factor"])
+        want = (p["num_images"], int(variant["out_channels"]), p["height"] // vsf, p["width"] // vsf)
         if tuple(den.latents.shape) != want:
             raise StageBadResponse(
                 f"diffusion_unet returned latents of shape {list(den.latents.shape)}, expected {list(want)}"
@@ -200,11 +316,25 @@ class Orchestrator:
         dec = await self.vae.decode(DecodeRequest(latents=den.latents))
         hops["decode_ms"] = (time.perf_counter() - t0) * 1000
         compute["decode"] = dec.decode_ms
-
         expected = (p["num_images"], p["height"], p["width"], 3)
         if tuple(dec.images.shape) != expected:
             raise StageBadResponse(
-                f"vae_decoder returned images of shape {list(dec.images.shape)}, expected {expected}"
+                f"vae_decoder returned images of shape {list(dec.images.shape)}, expected {list(expected)}"
             )
         hops["pipeline_ms"] = (time.perf_counter() - start) * 1000
         return Generation(images=dec.images, seeds=seeds, parameters=p, timings_ms=hops, compute_ms=compute)
+
+
+def outpaint_canvas(
+    image: PIL.Image.Image, left: int, right: int, top: int, bottom: int
+) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    """The image on a larger canvas (new border filled by repeating the edge pixels) and its mask (white =
+    the new border to paint). Repeating edges keeps colours continuous for `strength` < 1 and for 4-channel
+    UNets, whose unmasked latents seed the border."""
+    if left + right + top + bottom == 0:
+        raise InvalidValue("give at least one of `left`, `right`, `top`, `bottom` (pixels to add)", param="left")
+    pixels = np.asarray(image.convert("RGB"))
+    canvas = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(canvas.shape[:2], 255, dtype=np.uint8)
+    mask[top : top + pixels.shape[0], left : left + pixels.shape[1]] = 0
+    return PIL.Image.fromarray(canvas), PIL.Image.fromarray(mask, mode="L")

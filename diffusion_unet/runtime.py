@@ -92,7 +92,7 @@ class UNetRuntime(StageRuntime):
         from diffusers import UNet2DConditionModel
 
         base_unet = load_component(UNet2DConditionModel, model, "unet")
-        base_scheduler = dict(_SchedulerConfig.load_config(model, subfolder="scheduler"))  # type: ignore[arg-type]
+        base_scheduler: dict[str, Any] = dict(_SchedulerConfig.load_config(model, subfolder="scheduler"))  # type: ignore[arg-type]
         self.variants: dict[str, UNetVariant] = {BASE: self._load_variant(BASE, model, base_unet, base_scheduler)}
         for name, path in parse_variants(self.settings.unet_variants).items():
             local = Path(path)
@@ -160,9 +160,10 @@ class UNetRuntime(StageRuntime):
             name or variant.default_scheduler, variant.compatible_schedulers, variant.scheduler_config, seeds
         )
 
-    def schedulers(self, model: str | None = None) -> list[dict[str, Any]]:
+    def scheduler_catalogue(self, model: str | None = None) -> list[dict[str, Any]]:
         """``GET /v1/schedulers``: every scheduler the variant can use, with A1111 aliases."""
-        return schedulers.catalogue(self.variant(model).compatible_schedulers)
+        variant = self.variant(model)
+        return schedulers.catalogue(variant.compatible_schedulers, variant.scheduler_config)
 
     # ------------------------------------------------------------------ checks
     def _check(self, req: DenoiseRequest, variant: UNetVariant) -> None:
@@ -279,6 +280,7 @@ class UNetRuntime(StageRuntime):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if nine_channel:
+                assert mask is not None and masked_latents is not None
                 model_input = torch.cat([model_input, mask, masked_latents], dim=1)
             noise_pred = unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
             if cfg:
@@ -287,6 +289,7 @@ class UNetRuntime(StageRuntime):
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             if mask is not None and not nine_channel:
                 # 4-channel inpainting: put the (re-noised) known region back after every step.
+                assert image_latents is not None and noise is not None
                 known = image_latents
                 init_mask = mask.chunk(2)[0] if cfg else mask
                 if i < len(timesteps) - 1:

@@ -8,6 +8,7 @@ its cross-field checks, so a transport (HTTP or in-process) only has to call ``m
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -44,7 +45,7 @@ class WireModel(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-def _float_tensor(ndim: int) -> Any:
+def _float_tensor(ndim: int) -> Callable[[Any], torch.Tensor]:
     """A tensor field that must be float32/float16/bfloat16 with ``ndim`` dimensions and some elements.
 
     Checked per field so a 422 names the field (``param``); cross-field checks raise InvalidValue directly.
@@ -60,11 +61,11 @@ def _float_tensor(ndim: int) -> Any:
             raise ValueError(f"is empty (shape {list(t.shape)})")
         return t
 
-    return Annotated[torch.Tensor, PlainValidator(check)]
+    return check
 
 
-Embeds = _float_tensor(3)
-Latents = _float_tensor(4)
+Embeds = Annotated[torch.Tensor, PlainValidator(_float_tensor(3))]
+Latents = Annotated[torch.Tensor, PlainValidator(_float_tensor(4))]
 
 
 # ----------------------------------------------------------------------------------------- stage info
@@ -286,8 +287,43 @@ class Txt2ImgRequest(BaseModel):
     model: str | None = Field(default=None, max_length=128, description="UNet variant; default the base UNet.")
 
 
+ImageInput = Annotated[
+    str | bytes,
+    Field(description="PNG, JPEG or WEBP: base64 (optionally a data: URL) in JSON, or a file in multipart."),
+]
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /v1/img2img``: StableDiffusionImg2ImgPipeline. Without width/height the output follows the image
+    (rounded down to a multiple of 8, as diffusers does); with them the image is resized first."""
+
+    image: ImageInput
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, allow_inf_nan=False)
+
+
+class InpaintRequest(Txt2ImgRequest):
+    """``POST /v1/inpaint``: StableDiffusionInpaintPipeline. White in ``mask_image`` is repainted."""
+
+    image: ImageInput
+    mask_image: ImageInput
+    strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+
+
+class OutpaintRequest(Txt2ImgRequest):
+    """``POST /v1/outpaint``: extends the image by ``left``/``right``/``top``/``bottom`` pixels and inpaints
+    the new border (the canvas is filled by repeating the edge pixels; the mask is white on the border)."""
+
+    image: ImageInput
+    left: int = Field(default=0, ge=0, le=4096)
+    right: int = Field(default=0, ge=0, le=4096)
+    top: int = Field(default=0, ge=0, le=4096)
+    bottom: int = Field(default=0, ge=0, le=4096)
+    strength: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+
+
 class Timings(BaseModel):
     encode_ms: float
+    encode_image_ms: float | None = Field(default=None, description="VAE-encoding the init image (image tasks).")
     denoise_ms: float
     decode_ms: float
     image_encode_ms: float

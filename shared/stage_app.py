@@ -20,6 +20,7 @@ from shared.errors import (
     install_error_handlers,
     validation_error,
 )
+from shared.observability import install_observability
 from shared.runtime import StageRuntime
 from shared.settings import Settings
 
@@ -98,7 +99,8 @@ def message_route(
 
     async def endpoint(request: Request, runtime: RuntimeDep) -> MsgpackResponse:
         message = await read_message(request, request_model, request.app.state.limits)
-        result = await runtime.run(handler, runtime, message)
+        obs = request.app.state.observability  # measured: queue depth, wait and compute time, batch size
+        result = await obs.run_stage(runtime, path.rsplit("/", 1)[-1], handler, runtime, message)
         return MsgpackResponse(result.to_wire())
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("-", "_")
@@ -147,6 +149,7 @@ def build_stage_app(
     app.state.runtime = runtime
     app.state.limits = wire.Limits(max_body_bytes=(settings or runtime.settings).max_body_bytes)
     install_error_handlers(app)
+    install_observability(app, service=runtime.stage, runtime=runtime, drain_timeout_s=runtime.settings.drain_timeout_s)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:

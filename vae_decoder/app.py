@@ -1,10 +1,10 @@
-"""FastAPI app of the VAE decoder stage: `POST /v1/decode` plus the health, readiness and info routes."""
+"""FastAPI app of the VAE stage: `POST /v1/decode`, `POST /v1/encode-image`, health, readiness and info."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from shared.protocol import DecodeRequest
+from shared.protocol import DecodeRequest, EncodeImageRequest
 from shared.settings import Settings, get_settings
 from shared.stage_app import build_stage_app, message_route
 from vae_decoder.runtime import VaeRuntime
@@ -17,5 +17,12 @@ def build_app(settings: Settings | None = None, runtime: VaeRuntime | None = Non
     router = APIRouter(tags=["vae_decoder"])
     message_route(
         router, "/v1/decode", DecodeRequest, VaeRuntime.decode, summary="Latents to uint8 images (B, H, W, 3)"
+    )
+    message_route(
+        router,
+        "/v1/encode-image",
+        EncodeImageRequest,
+        VaeRuntime.encode_image,
+        summary="uint8 images (and mask) to the VAE posterior's moments (img2img / inpaint)",
     )
     return build_stage_app(runtime, router, title="Triptych VAE decoder", owns_runtime=owns_runtime, settings=settings)
