@@ -166,7 +166,7 @@ async def read_task_request(request: Request, settings: Settings, model: type[T]
         return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        if errors and errors[0].get("type") in ("json_invalid", "json_type"):
+        if errors and (errors[0].get("type") in ("json_invalid", "json_type") or not errors[0].get("loc")):
             raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
         raise validation_error(errors) from None
 

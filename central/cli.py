@@ -13,36 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.settings import DEFAULT_PORTS, Settings
 
 SERVICES = ("central", "text-encoder", "diffusion-unet", "vae-decoder")
 LOCAL_STAGES = ("encode", "denoise", "decode")
 
-# CLI flag -> the TRIPTYCH_* variable it sets: every setting has both spellings.
-FLAG_ENV = {
-    "model": "TRIPTYCH_MODEL",
-    "device": "TRIPTYCH_DEVICE",
-    "dtype": "TRIPTYCH_DTYPE",
-    "cache_dir": "TRIPTYCH_CACHE_DIR",
-    "unet_variants": "TRIPTYCH_UNET_VARIANTS",
-    "text_encoder_url": "TRIPTYCH_TEXT_ENCODER_URL",
-    "diffusion_unet_url": "TRIPTYCH_DIFFUSION_UNET_URL",
-    "vae_decoder_url": "TRIPTYCH_VAE_DECODER_URL",
-    "log_level": "TRIPTYCH_LOG_LEVEL",
-    "drain_timeout": "TRIPTYCH_DRAIN_TIMEOUT_S",
-}
+# Every Settings field is a flag too: --text-encoder-url <-> TRIPTYCH_TEXT_ENCODER_URL, and so on.
+FLAG_ENV = {name: f"TRIPTYCH_{name.upper()}" for name in Settings.model_fields}
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="diffusers model directory or hub id (TRIPTYCH_MODEL)")
-    p.add_argument("--device", help="auto|cpu|cuda|cuda:N (TRIPTYCH_DEVICE)")
-    p.add_argument("--dtype", help="auto|float32|float16|bfloat16 (TRIPTYCH_DTYPE)")
-    p.add_argument("--cache-dir", help="where the default tiny model is made (TRIPTYCH_CACHE_DIR)")
-    p.add_argument("--unet-variants", help="name=path,... (TRIPTYCH_UNET_VARIANTS)")
-    p.add_argument("--text-encoder-url", help="TRIPTYCH_TEXT_ENCODER_URL")
-    p.add_argument("--diffusion-unet-url", help="TRIPTYCH_DIFFUSION_UNET_URL")
-    p.add_argument("--vae-decoder-url", help="TRIPTYCH_VAE_DECODER_URL")
-    p.add_argument("--log-level", help="TRIPTYCH_LOG_LEVEL (default INFO)")
+    group = p.add_argument_group("settings (each also read from its TRIPTYCH_* environment variable)")
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else field.default
+        help_text = f"{field.description + ' ' if field.description else ''}({FLAG_ENV[name]}; default {default})"
+        group.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text.replace("%", "%%"))
+
+
+class SettingsError(Exception):
+    """A setting (flag or environment variable) has an invalid value."""
 
 
 def _apply_flags(args: argparse.Namespace) -> Settings:
@@ -51,7 +42,14 @@ def _apply_flags(args: argparse.Namespace) -> Settings:
         value = getattr(args, flag, None)
         if value is not None:
             os.environ[env] = str(value)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first.get("loc") else "?"
+        raise SettingsError(
+            f"invalid setting --{name.replace('_', '-')} / {FLAG_ENV.get(name, name)}: {first['msg']}"
+        ) from None
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -68,9 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, help="default: 8000 central, 8001-8003 the stages; for `all` the base")
     serve.add_argument("--embedded", action="store_true", help="central only: run the stages in-process")
-    serve.add_argument(
-        "--drain-timeout", type=float, help="seconds in-flight requests get after SIGTERM (TRIPTYCH_DRAIN_TIMEOUT_S)"
-    )
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -315,7 +310,11 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"triptych: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ class HttpTransport:
         response = await self._send(
             "POST",
             path,
-            self._op_timeouts[op],
+            self._op_timeouts.get(op, max(self._op_timeouts.values(), default=60.0)),
             content=wire.encode(request.to_wire()),
             headers={"content-type": wire.CONTENT_TYPE, "accept": wire.CONTENT_TYPE},
         )

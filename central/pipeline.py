@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from central.clients import TextEncoderClient, UNetClient, VaeClient
 from central.images import check_size_multiple, decode_image, decode_mask
-from diffusion_unet import schedulers
+from shared import schedulers
 from shared.errors import InvalidValue, StageBadResponse, StageUnavailable
 from shared.protocol import (
     DecodeRequest,
@@ -124,7 +124,7 @@ class Orchestrator:
         """``GET /v1/schedulers``: the catalogue for the chosen UNet (default the base one)."""
         _, unet_info, _ = await self.infos()
         variant = self._variant(unet_info, model)
-        return schedulers.catalogue(variant["schedulers"])
+        return schedulers.catalogue(variant["schedulers"], variant.get("scheduler_config"))
 
     # ------------------------------------------------------------------ parameters
     @staticmethod
@@ -191,18 +191,25 @@ class Orchestrator:
             if image.width * image.height > s.max_image_pixels:
                 raise InvalidValue(f"the outpainted canvas is {image.width}x{image.height}; too large", param="image")
             extra = {"left": req.left, "right": req.right, "top": req.top, "bottom": req.bottom}
-            check_size_multiple(image.width, image.height, vsf, param_w="left", param_h="top")
+            for side, size, extent in (("left", image.width, "width"), ("top", image.height, "height")):
+                if size % vsf:
+                    raise InvalidValue(
+                        f"the outpainted canvas is {image.width}x{image.height}; its {extent} has to be divisible by "
+                        f"{vsf}: change `{side}` or `{'right' if side == 'left' else 'bottom'}`",
+                        param=side,
+                    )
         elif isinstance(req, InpaintRequest):
             mask_image = decode_mask(req.mask_image, param="mask_image", max_bytes=s.max_image_bytes,
                                      max_pixels=s.max_image_pixels, size=image.size)  # fmt: skip
         processor = VaeImageProcessor(vae_scale_factor=vsf)
-        if isinstance(req, Img2ImgRequest) and not (req.width or req.height):
-            # StableDiffusionImg2ImgPipeline: the image's own size, rounded down to a multiple of the factor.
-            height, width = processor.get_default_height_width(image)
+        if isinstance(req, OutpaintRequest):
+            width, height = image.width, image.height
         else:
-            width, height = req.width or image.width, req.height or image.height
-            if isinstance(req, OutpaintRequest):
-                width, height = image.width, image.height
+            # Unset sides follow the image, rounded down to a multiple of the factor as
+            # StableDiffusionImg2ImgPipeline does (the inpaint pipeline would default to the model's native
+            # size; a user inpainting a photo expects its own size back).
+            default_h, default_w = processor.get_default_height_width(image)
+            width, height = req.width or default_w, req.height or default_h
         if width < vsf or height < vsf:
             raise InvalidValue(f"`image` is {image.width}x{image.height}; the smallest size is {vsf}", param="image")
         resized = processor.resize(image, height, width)

@@ -19,7 +19,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusion_unet import schedulers
+from shared import schedulers
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DenoiseRequest, DenoiseResponse
@@ -59,6 +59,7 @@ class UNetVariant:
             "vae_scale_factor": VAE_SCALE_FACTOR,
             "default_scheduler": self.default_scheduler,
             "schedulers": self.compatible_schedulers,
+            "scheduler_config": {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")},
             "fingerprint": self.fingerprint,
         }
 

@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path = Field(default=Path.home() / ".cache" / "triptych")
-    unet_variants: str = Field(default="", description="Comma-separated name=path pairs (later issue).")
+    unet_variants: str = Field(
+        default="",
+        description="Extra UNets as name=path,... (model dir or bare UNet folder); inpaint uses `inpainting`.",
+    )
 
     # --- central: where the stages are, and how long each hop may take
     text_encoder_url: str = "http://127.0.0.1:8001"

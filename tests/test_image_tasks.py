@@ -156,7 +156,8 @@ def test_inpaint_four_channel_blending_matches_diffusers(
     central_base, sd_pipeline, init_image, mask_image, strength, n, scheduler
 ) -> None:  # type: ignore[no-untyped-def]
     body = {"prompt": "a red door", "image": png_b64(init_image), "mask_image": png_b64(mask_image),
-            "strength": strength, "num_images": n, "seed": 13, "num_inference_steps": 4, "scheduler": scheduler}  # fmt: skip
+            "strength": strength, "num_images": n, "seed": 13, "num_inference_steps": 4,
+            "scheduler": scheduler}  # fmt: skip
     r = central_base.post("/v1/inpaint", json={k: v for k, v in body.items() if v is not None})
     ours = decode_all(r)
     assert r.json()["parameters"]["model"] == "base"
@@ -280,6 +281,6 @@ def test_variant_from_a_bare_unet_folder(settings, inpaint_model, unet_with_vari
 def test_bad_variant_specs_are_refused(spec: str) -> None:
     from diffusion_unet.runtime import parse_variants
 
-    with pytest.raises(ValueError, match="TRIPTYCH_UNET_VARIANTS|reserved or repeated"):
+    with pytest.raises(ValueError, match=r"TRIPTYCH_UNET_VARIANTS|reserved or repeated"):
         parse_variants(spec)
     assert parse_variants(" a=/x , b=/y ") == {"a": "/x", "b": "/y"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_unet import schedulers as S
+from shared import schedulers as S
 from shared.errors import InvalidValue
 from shared.protocol import DecodeRequest, DenoiseRequest, EncodeRequest
 
