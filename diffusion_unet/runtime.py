@@ -23,7 +23,7 @@ from shared import schedulers
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DenoiseRequest, DenoiseResponse
-from shared.runtime import StageRuntime
+from shared.runtime import StageRuntime, cancel_requested, cancel_token
 
 log = logging.getLogger("triptych.unet")
 
@@ -84,6 +84,79 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, s
     return scaling * (mean + std * noise)
 
 
+class JobCancelled(Exception):
+    """The request that owned a denoise job went away; its batch slot was freed."""
+
+
+@dataclass
+class DenoiseJob:
+    """One request's denoising state between steps: its own scheduler, timesteps, latents and generators."""
+
+    variant: UNetVariant
+    scheduler: Any
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor  # one row per image (and per guidance branch)
+    latents: torch.Tensor
+    guidance_scale: float | None  # None: no classifier-free guidance
+    step_kwargs: dict[str, Any]
+    mask: torch.Tensor | None
+    masked_latents: torch.Tensor | None
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor | None
+    started: float
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can share one UNet forward. Adapters or ControlNet would join this key."""
+        return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
+
+    @property
+    def rows(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    @property
+    def nine_channel(self) -> bool:
+        cfg = self.variant.unet.config
+        return self.mask is not None and cfg.in_channels != cfg.out_channels
+
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.timesteps[self.index]
+        x = torch.cat([self.latents] * 2) if self.guidance_scale is not None else self.latents
+        x = self.scheduler.scale_model_input(x, t)
+        if self.nine_channel:
+            assert self.mask is not None and self.masked_latents is not None
+            x = torch.cat([x, self.mask, self.masked_latents], dim=1)
+        return x, t
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        i, t = self.index, self.timesteps[self.index]
+        if self.guidance_scale is not None:
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.mask is not None and not self.nine_channel:
+            # 4-channel inpainting: put the (re-noised) known region back after every step.
+            assert self.image_latents is not None and self.noise is not None
+            known = self.image_latents
+            init_mask = self.mask.chunk(2)[0] if self.guidance_scale is not None else self.mask
+            if i < len(self.timesteps) - 1:
+                known = self.scheduler.add_noise(known, self.noise, torch.tensor([self.timesteps[i + 1]]))
+            self.latents = (1 - init_mask) * known + init_mask * self.latents
+        self.index += 1
+
+    def result(self) -> DenoiseResponse:
+        return DenoiseResponse(
+            latents=self.latents,
+            scheduler=type(self.scheduler).__name__,
+            denoise_ms=(time.perf_counter() - self.started) * 1000,
+        )
+
+
 class UNetRuntime(StageRuntime):
     """Hosts the base UNet and any configured variants; ``denoise`` runs the whole loop for one request."""
 
@@ -108,6 +181,9 @@ class UNetRuntime(StageRuntime):
             self.variants[name] = self._load_variant(name, path, unet, config)
             log.info("UNet variant %r loaded from %s (in_channels=%d)", name, path, unet.config.in_channels)
         self.fingerprint = self.variants[BASE].fingerprint
+        from diffusion_unet.batcher import ContinuousBatcher
+
+        self.batcher = ContinuousBatcher(self, max_batch_size=self.settings.max_batch_size)
 
     def _load_variant(self, name: str, source: str, unet: Any, scheduler_config: dict[str, Any]) -> UNetVariant:
         default = str(scheduler_config["_class_name"])
@@ -140,6 +216,15 @@ class UNetRuntime(StageRuntime):
                     model=None if variant.name == BASE else variant.name,
                 )
             )
+
+    def stats(self) -> dict[str, tuple[str, str, float]]:
+        b = self.batcher
+        return {
+            **super().stats(),
+            "unet_forwards": ("counter", "UNet forward passes run by the batcher", b.forwards),
+            "unet_batch_images": ("gauge", "Images in the running batch", b.active_images),
+            "unet_largest_batch_images": ("gauge", "Most images that shared one UNet forward", b.largest_batch),
+        }
 
     def config(self) -> dict[str, Any]:
         base = self.variants[BASE].config()
@@ -181,6 +266,13 @@ class UNetRuntime(StageRuntime):
                 f"cross_attention_dim {cfg.cross_attention_dim}",
                 param="prompt_embeds",
             )
+        train_steps = int(variant.scheduler_config.get("num_train_timesteps", 1000))
+        if req.num_inference_steps >= train_steps:
+            raise InvalidValue(
+                f"`num_inference_steps` is {req.num_inference_steps}; this model was trained with {train_steps} "
+                f"timesteps, so at most {train_steps - 1} are allowed",
+                param="num_inference_steps",
+            )
         latent_hw = (req.height // vsf, req.width // vsf)
         if req.task == "inpaint":
             if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels + 1):
@@ -209,9 +301,34 @@ class UNetRuntime(StageRuntime):
                 )
 
     # ------------------------------------------------------------------ the loop
+    def worker_threads(self) -> int:
+        # With batching, request threads only wait for the batcher thread, which alone touches the UNet.
+        return self.settings.max_queue + 1 if self.settings.batching else 1
+
+    def close(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()
+        super().close()
+
     @torch.inference_mode()
     def denoise(self, req: DenoiseRequest) -> DenoiseResponse:
-        """Denoise to final latents exactly as StableDiffusion{,Img2Img,Inpaint}Pipeline would."""
+        """Denoise to final latents exactly as StableDiffusion{,Img2Img,Inpaint}Pipeline would.
+
+        With batching on, the job joins the continuous batcher (other requests share each UNet forward);
+        otherwise it runs its whole loop here.
+        """
+        if self.settings.batching and self.ready:
+            return self.batcher.run(req, cancel_token())
+        job = self.prepare(req)
+        while not job.done:
+            if cancel_requested():
+                raise JobCancelled("the caller went away")
+            self.step([job])
+        return job.result()
+
+    def prepare(self, req: DenoiseRequest) -> DenoiseJob:
+        """Steps 3-6: embeddings, timesteps, initial latents, step kwargs. Raises InvalidValue on bad input."""
         variant = self.variant(req.model)
         self._check(req, variant)
         start = time.perf_counter()
@@ -274,34 +391,38 @@ class UNetRuntime(StageRuntime):
             step_kwargs["eta"] = req.eta
         if "generator" in step_params:
             step_kwargs["generator"] = generators
-
-        # 7. Denoising loop
-        nine_channel = mask is not None and unet.config.in_channels != unet.config.out_channels
-        for i, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if nine_channel:
-                assert mask is not None and masked_latents is not None
-                model_input = torch.cat([model_input, mask, masked_latents], dim=1)
-            noise_pred = unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-            if cfg:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + req.guidance_scale * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if mask is not None and not nine_channel:
-                # 4-channel inpainting: put the (re-noised) known region back after every step.
-                assert image_latents is not None and noise is not None
-                known = image_latents
-                init_mask = mask.chunk(2)[0] if cfg else mask
-                if i < len(timesteps) - 1:
-                    known = scheduler.add_noise(known, noise, torch.tensor([timesteps[i + 1]]))
-                latents = (1 - init_mask) * known + init_mask * latents
-
-        return DenoiseResponse(
+        return DenoiseJob(
+            variant=variant,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            prompt_embeds=prompt_embeds,
             latents=latents,
-            scheduler=type(scheduler).__name__,
-            denoise_ms=(time.perf_counter() - start) * 1000,
+            guidance_scale=req.guidance_scale if cfg else None,
+            step_kwargs=step_kwargs,
+            mask=mask,
+            masked_latents=masked_latents,
+            image_latents=image_latents,
+            noise=noise,
+            started=start,
         )
+
+    def step(self, jobs: list[DenoiseJob]) -> None:
+        """7. One denoising step for every job in ``jobs`` (same variant, latent and embedding shapes) with a
+        single UNet forward. A lone job takes exactly the pipeline's path (a scalar timestep), so a request
+        served alone stays bit-identical to diffusers; batched, each row carries its own timestep."""
+        inputs = [job.model_input() for job in jobs]
+        unet = jobs[0].variant.unet
+        if len(jobs) == 1:
+            (x, t), job = inputs[0], jobs[0]
+            noise_pred = unet(x, t, encoder_hidden_states=job.prompt_embeds, return_dict=False)[0]
+            job.advance(noise_pred)
+            return
+        x = torch.cat([x for x, _ in inputs])
+        t = torch.cat([t.reshape(1).to(x.device).expand(xi.shape[0]) for xi, t in inputs])
+        embeds = torch.cat([job.prompt_embeds for job in jobs])
+        noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        for job, part in zip(jobs, noise_pred.split([xi.shape[0] for xi, _ in inputs]), strict=True):
+            job.advance(part)
 
     def _inpaint_latents(
         self,

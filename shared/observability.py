@@ -69,7 +69,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -309,6 +309,12 @@ class _StageCollector(Collector):
             dtype = str(rt.dtype).removeprefix("torch.")
             info.add_metric([self.service, rt.model_id, rt.fingerprint, str(rt.device), dtype, __version__], 1.0)
             yield info
+            # Runtime counters (embedding-cache hits/misses/bytes, batcher forwards and active images, ...).
+            for name, (kind, help_text, value) in rt.stats().items():
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                metric = family(f"triptych_{name}", help_text, labels=["triptych_service"])
+                metric.add_metric([self.service], float(value))
+                yield metric
 
 
 class Observability:

@@ -7,6 +7,7 @@ A runtime is what a stage's FastAPI app serves and also what ``LocalTransport`` 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -14,12 +15,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from shared import __version__
-from shared.errors import StageUnavailable
+from shared.errors import Overloaded, StageUnavailable
 from shared.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
 from shared.protocol import ModelRef, StageInfo
 from shared.settings import Settings
 
 T = TypeVar("T")
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("triptych_cancel", default=None)
+
+
+def cancel_requested() -> bool:
+    """Inside work started by ``StageRuntime.run``: whether the request was abandoned by its caller."""
+    token = _CANCEL.get()
+    return token is not None and token.is_set()
+
+
+def cancel_token() -> threading.Event | None:
+    """The current request's cancellation event (set when its caller goes away), if any."""
+    return _CANCEL.get()
+
+
 log = logging.getLogger("triptych.runtime")
 
 
@@ -41,7 +56,9 @@ class StageRuntime:
         self.random_weights = False
         self._ready = threading.Event()
         self._load_error: str | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-torch")
+        # Requests admitted (queued or computing); past settings.max_queue new ones get 429.
+        self._in_flight = 0
+        self._executor = ThreadPoolExecutor(max_workers=self.worker_threads(), thread_name_prefix=f"{self.stage}-torch")
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -91,10 +108,44 @@ class StageRuntime:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ execution
+    def worker_threads(self) -> int:
+        """Threads that run requests. One: requests are serialised, no module is used by two at once.
+        The UNet takes more, because its threads only wait while its batcher computes."""
+        return 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on this runtime's torch thread without blocking the event loop."""
+        """Run ``fn(*args)`` on a worker thread without blocking the event loop.
+
+        Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
+        Retry-After) instead of queueing without limit. If the caller is cancelled (its client went away),
+        ``cancel_requested()`` turns true inside ``fn``, so long work such as the denoise loop can stop early.
+        """
+        if self._in_flight >= self.settings.max_queue:
+            raise Overloaded(
+                f"{self.stage} is at capacity: {self._in_flight} requests admitted "
+                f"(max_queue={self.settings.max_queue}); retry later",
+                retry_after_s=1,
+            )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        token = threading.Event()
+        ctx = contextvars.copy_context()
+        ctx.run(_CANCEL.set, token)
+        self._in_flight += 1
+        try:
+            return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+        except asyncio.CancelledError:
+            token.set()
+            raise
+        finally:
+            self._in_flight -= 1
+
+    def stats(self) -> dict[str, tuple[str, str, float]]:
+        """Counters for /metrics: name -> (``"counter"`` or ``"gauge"``, help text, value)."""
+        return {"requests_admitted": ("gauge", "Requests queued or computing in this stage", self._in_flight)}
 
     # ------------------------------------------------------------------ info
     def config(self) -> dict[str, Any]:

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Largest input image file.")
     max_image_pixels: int = Field(default=4096 * 4096, gt=0, description="Largest input image, width x height.")
 
+    # --- throughput (issue 5)
+    max_queue: int = Field(default=64, ge=1, description="Requests a stage admits at once; past it: 429.")
+    max_batch_size: int = Field(
+        default=8, ge=1, description="UNet: images denoised together in one forward (continuous batching)."
+    )
+    batching: bool = Field(default=True, description="UNet continuous batching; false runs requests one by one.")
+    embedding_cache_bytes: int = Field(
+        default=128 * 1024 * 1024, ge=0, description="Text encoder: LRU cache of prompt embeddings; 0 turns it off."
+    )
+
     log_level: str = "INFO"
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="After SIGTERM: how long in-flight requests may take before the process exits."

@@ -26,6 +26,7 @@ from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("triptych.stage")
+DISCONNECT_POLL_S = 0.25
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -97,11 +98,19 @@ def message_route(
     The handler runs on the runtime's torch thread; value errors it raises (InvalidValue) become 422.
     """
 
-    async def endpoint(request: Request, runtime: RuntimeDep) -> MsgpackResponse:
+    async def endpoint(request: Request, runtime: RuntimeDep) -> Response:
         message = await read_message(request, request_model, request.app.state.limits)
         obs = request.app.state.observability  # measured: queue depth, wait and compute time, batch size
-        result = await obs.run_stage(runtime, path.rsplit("/", 1)[-1], handler, runtime, message)
-        return MsgpackResponse(result.to_wire())
+        work = asyncio.ensure_future(obs.run_stage(runtime, path.rsplit("/", 1)[-1], handler, runtime, message))
+        # A caller that goes away (central timed out, a client hung up) frees its slot: the UNet batcher drops
+        # the job before its next step.
+        while not work.done():
+            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                work.cancel()
+                log.info("%s: caller disconnected; request abandoned", path)
+                return Response(status_code=499)
+        return MsgpackResponse(work.result().to_wire())
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("-", "_")
     router.add_api_route(

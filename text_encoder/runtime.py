@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -12,12 +14,59 @@ from shared.protocol import EncodeRequest, EncodeResponse
 from shared.runtime import StageRuntime
 
 
+class EmbeddingCache:
+    """An LRU of prompt embeddings keyed by (model fingerprint, exact token ids), bounded in bytes.
+
+    Keys are token ids, not text: two spellings that tokenize alike share an entry, and a different model
+    (fingerprint) never sees another's embeddings. The empty negative prompt is the usual first hit.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, tuple[int, ...]]) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple[str, tuple[int, ...]], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses}  # fmt: skip
+
+
 class TextEncoderRuntime(StageRuntime):
     """Turns prompts into ``prompt_embeds`` exactly as ``StableDiffusionPipeline.encode_prompt`` does."""
 
     stage = "text_encoder"
 
     def _load(self, model: str) -> None:
+        self.cache = EmbeddingCache(self.settings.embedding_cache_bytes)
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = load_component(CLIPTokenizer, model, "tokenizer")
@@ -28,6 +77,16 @@ class TextEncoderRuntime(StageRuntime):
     def _warm_up(self) -> None:
         self.encode(EncodeRequest(prompt=["warm up"]))
 
+    def stats(self) -> dict[str, tuple[str, str, float]]:
+        c = self.cache
+        return {
+            **super().stats(),
+            "embedding_cache_hits": ("counter", "Prompt embeddings served from the cache", c.hits),
+            "embedding_cache_misses": ("counter", "Prompt embeddings computed", c.misses),
+            "embedding_cache_bytes": ("gauge", "Bytes held by the embedding cache", c.bytes),
+            "embedding_cache_entries": ("gauge", "Embeddings held by the cache", len(c)),
+        }
+
     def config(self) -> dict[str, Any]:
         cfg = self.text_encoder.config
         return {
@@ -37,6 +96,8 @@ class TextEncoderRuntime(StageRuntime):
         }
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings (len(texts), L, D). Rows already in the cache are reused; the rest are computed
+        together in one forward, as the pipeline computes a prompt list."""
         tokens = self.tokenizer(
             texts,
             padding="max_length",
@@ -44,12 +105,20 @@ class TextEncoderRuntime(StageRuntime):
             truncation=True,
             return_tensors="pt",
         )
-        attention_mask = None
-        # Like diffusers: only models trained with an attention mask get one.
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.device)
-        out = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0]
-        return out.to(dtype=self.dtype)
+        keys = [(self.fingerprint, tuple(row.tolist())) for row in tokens.input_ids]
+        rows: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            ids = tokens.input_ids[missing].to(self.device)
+            attention_mask = None
+            # Like diffusers: only models trained with an attention mask get one.
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                attention_mask = tokens.attention_mask[missing].to(self.device)
+            out = self.text_encoder(ids, attention_mask=attention_mask)[0].to(dtype=self.dtype)
+            for j, i in enumerate(missing):
+                rows[i] = out[j : j + 1]
+                self.cache.put(keys[i], out[j : j + 1].clone())
+        return torch.cat([r for r in rows if r is not None])
 
     @torch.inference_mode()
     def encode(self, request: EncodeRequest) -> EncodeResponse:
