@@ -192,11 +192,18 @@ class UNetRuntime(StageRuntime):
             source=source,
             # Fingerprint before the dtype cast: the same weights served in fp16 keep their fingerprint.
             fingerprint=fingerprint(unet, {k: v for k, v in scheduler_config.items() if k != "_diffusers_version"}),
-            unet=unet.to(self.device, self.dtype).eval(),
+            unet=self._compiled(self.place(unet)),
             scheduler_config=scheduler_config,
             default_scheduler=default,
             compatible_schedulers=schedulers.usable_compatibles(default, scheduler_config),
         )
+
+    def _compiled(self, unet: Any) -> Any:
+        if not self.settings.compile:
+            return unet
+        # Each new batch shape recompiles once; warm-up compiles the batch-of-one shape before readiness.
+        log.info("torch.compile on the UNet: the first request of each batch shape is slow")
+        return torch.compile(unet)
 
     def _warm_up(self) -> None:
         for variant in self.variants.values():

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
+import torch
+
 from shared import __version__
 from shared.errors import Overloaded, StageUnavailable
 from shared.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
@@ -64,6 +66,8 @@ class StageRuntime:
     def load(self) -> None:
         """Resolve the model and load this stage's components (blocking; call from a worker thread)."""
         try:
+            if self.settings.cpu_threads:
+                torch.set_num_threads(self.settings.cpu_threads)
             model = resolve_model(self.settings)
             self.model_id = model
             self.random_weights = is_random_weights(model)
@@ -91,6 +95,19 @@ class StageRuntime:
 
     def _load(self, model: str) -> None:
         raise NotImplementedError
+
+    @property
+    def channels_last(self) -> bool:
+        """Channels-last convolutions: a win on CUDA tensor cores, usually not on CPU (setting or per device)."""
+        setting = self.settings.channels_last
+        return self.device.type == "cuda" if setting is None else setting
+
+    def place(self, module: Any) -> Any:
+        """Move a loaded module to the serving device and dtype, in the configured memory format."""
+        module = module.to(self.device, self.dtype).eval()
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
 
     def _warm_up(self) -> None:
         """One small pass so the first real request does not pay for lazy initialisation."""

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         default=8, ge=1, description="UNet: images denoised together in one forward (continuous batching)."
     )
     batching: bool = Field(default=True, description="UNet continuous batching; false runs requests one by one.")
+    channels_last: bool | None = Field(
+        default=None, description="UNet/VAE in channels-last memory format; unset: on for CUDA, off for CPU."
+    )
+    compile: bool = Field(default=False, description="torch.compile the UNet (slow first request per shape).")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; unset: torch's own.")
     embedding_cache_bytes: int = Field(
         default=128 * 1024 * 1024, ge=0, description="Text encoder: LRU cache of prompt embeddings; 0 turns it off."
     )

@@ -236,3 +236,43 @@ def test_cache_and_batcher_counters_are_on_metrics(settings, te_runtime, unet_ru
     assert hits and float(hits[0].split()[-1]) >= 2
     with TestClient(unet_app(settings, unet_runtime)) as client:
         assert "triptych_unet_forwards_total" in client.get("/metrics").text
+
+
+# ------------------------------------------------------------------------------------------- performance settings
+def test_channels_last_stays_within_two_levels(settings, unet_runtime, vae_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
+    from vae_decoder.runtime import VaeRuntime
+
+    cl = settings.model_copy(update={"channels_last": True})
+    unet, vae = UNetRuntime(cl), VaeRuntime(cl)
+    unet.load()
+    vae.load()
+    try:
+        conv = unet.variants["base"].unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        req = request(embeds, steps=4, seed=3)
+        ours = vae.decode(DecodeRequest(latents=unet.denoise(req).latents)).images.numpy().astype(np.int16)
+        ref = pixels(vae_runtime, unet_runtime.denoise(req).latents)
+        assert int(np.abs(ours - ref).max()) <= 2
+    finally:
+        unet.close()
+        vae.close()
+
+
+def test_compile_and_thread_settings_are_applied(settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """torch.compile itself takes minutes on a 2-core CPU; here we check it wraps the UNet that is served."""
+    compiled: list[object] = []
+
+    def fake_compile(module):  # type: ignore[no-untyped-def]
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    threads = torch.get_num_threads()
+    rt = UNetRuntime(settings.model_copy(update={"compile": True, "cpu_threads": 1}))
+    try:
+        rt.load()
+        assert compiled == [rt.variants["base"].unet]
+        assert torch.get_num_threads() == 1
+    finally:
+        rt.close()
+        torch.set_num_threads(threads)

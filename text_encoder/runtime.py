@@ -72,7 +72,7 @@ class TextEncoderRuntime(StageRuntime):
         self.tokenizer = load_component(CLIPTokenizer, model, "tokenizer")
         text_encoder = load_component(CLIPTextModel, model, "text_encoder")
         self.fingerprint = fingerprint(text_encoder, self.tokenizer.get_vocab(), self.tokenizer.model_max_length)
-        self.text_encoder = text_encoder.to(self.device, self.dtype).eval()
+        self.text_encoder = text_encoder.to(self.device, self.dtype).eval()  # no convolutions: no memory format
 
     def _warm_up(self) -> None:
         self.encode(EncodeRequest(prompt=["warm up"]))

@@ -27,7 +27,7 @@ class VaeRuntime(StageRuntime):
         self.fingerprint = fingerprint(vae)
         # No requires_grad_(False): it changes which CPU kernels run (1e-6 off, 1/255 in pixels), and parity with
         # the pipeline, which leaves it on, is the contract. inference_mode already keeps autograd out.
-        self.vae = vae.to(self.device, self.dtype).eval()
+        self.vae = self.place(vae)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
