@@ -308,10 +308,6 @@ class UNetRuntime(StageRuntime):
                 )
 
     # ------------------------------------------------------------------ the loop
-    def worker_threads(self) -> int:
-        # With batching, request threads only wait for the batcher thread, which alone touches the UNet.
-        return self.settings.max_queue + 1 if self.settings.batching else 1
-
     def close(self) -> None:
         batcher = getattr(self, "batcher", None)
         if batcher is not None:

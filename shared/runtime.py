@@ -126,9 +126,9 @@ class StageRuntime:
 
     # ------------------------------------------------------------------ execution
     def worker_threads(self) -> int:
-        """Threads that run requests. One: requests are serialised, no module is used by two at once.
-        The UNet takes more, because its threads only wait while its batcher computes."""
-        return 1
+        """Threads that run requests. With batching, request threads only wait for the stage's batcher
+        thread, which alone touches the model; without it, one thread serialises the requests."""
+        return self.settings.max_queue + 1 if self.settings.batching else 1
 
     @property
     def in_flight(self) -> int:

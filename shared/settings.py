@@ -52,9 +52,11 @@ class Settings(BaseSettings):
     # --- throughput (issue 5)
     max_queue: int = Field(default=64, ge=1, description="Requests a stage admits at once; past it: 429.")
     max_batch_size: int = Field(
-        default=8, ge=1, description="UNet: images denoised together in one forward (continuous batching)."
+        default=8, ge=1, description="Images (prompts for the text encoder) sharing one forward in a stage."
     )
-    batching: bool = Field(default=True, description="UNet continuous batching; false runs requests one by one.")
+    batching: bool = Field(
+        default=True, description="Batch concurrent requests (UNet: per step); false runs them one by one."
+    )
     channels_last: bool | None = Field(
         default=None, description="UNet/VAE in channels-last memory format; unset: on for CUDA, off for CPU."
     )

@@ -276,3 +276,71 @@ def test_compile_and_thread_settings_are_applied(settings, monkeypatch: pytest.M
     finally:
         rt.close()
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- micro-batching
+def test_concurrent_decodes_share_one_vae_forward(vae_runtime) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    latents = [torch.randn(n, 4, 8, 8) for n in (1, 2, 1)]
+    solo = [vae_runtime._decode_many([DecodeRequest(latents=x)])[0].images for x in latents]
+    batcher = vae_runtime.decode_batcher
+    gate = threading.Event()
+    original = vae_runtime._decode_locked
+
+    def held(requests):  # type: ignore[no-untyped-def]
+        gate.wait(30)  # hold the first batch so the others queue up behind it
+        return original(requests)
+
+    vae_runtime._decode_locked = held
+    try:
+        batches, largest = batcher.batches, batcher.largest_batch
+        batcher.largest_batch = 0
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(vae_runtime.decode, DecodeRequest(latents=latents[0]))]
+            wait_until(lambda: batcher.batches > batches)  # the first is taken (and held at the gate)
+            futures += [pool.submit(vae_runtime.decode, DecodeRequest(latents=x)) for x in latents]
+            wait_until(lambda: len(batcher._pending) == 3)
+            gate.set()
+            results = [f.result(timeout=60).images for f in futures]
+    finally:
+        vae_runtime._decode_locked = original
+    assert batcher.batches - batches == 2 and batcher.largest_batch == 3  # 1 held, then the 3 waiting together
+    for got, want in zip(results[1:], solo, strict=True):
+        assert got.shape == want.shape
+        assert int((got.to(torch.int16) - want.to(torch.int16)).abs().max()) <= 2
+    batcher.largest_batch = max(largest, batcher.largest_batch)
+
+
+def test_concurrent_encodes_are_batched_and_a_bad_one_fails_alone(te_runtime) -> None:  # type: ignore[no-untyped-def]
+    batcher = te_runtime.batcher
+    batches = batcher.batches
+    gate = threading.Event()
+    original = te_runtime._embed
+
+    def held(texts):  # type: ignore[no-untyped-def]
+        gate.wait(30)
+        if "boom" in texts:
+            raise ValueError("boom")
+        return original(texts)
+
+    te_runtime._embed = held
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(te_runtime.encode, EncodeRequest(prompt=["batch a"]))
+            wait_until(lambda: batcher.batches > batches)
+            rest = [
+                pool.submit(te_runtime.encode, EncodeRequest(prompt=[p], do_classifier_free_guidance=g))
+                for p, g in (("batch b", True), ("boom", False), ("batch c", False))
+            ]
+            wait_until(lambda: len(batcher._pending) == 3)
+            gate.set()
+            assert first.result(timeout=60).prompt_embeds.shape == (1, 77, 32)
+            b, bad, c = rest
+            assert b.result(timeout=60).negative_prompt_embeds is not None
+            assert c.result(timeout=60).negative_prompt_embeds is None
+            with pytest.raises(ValueError, match="boom"):
+                bad.result(timeout=60)
+    finally:
+        te_runtime._embed = original
+    alone = te_runtime.encode(EncodeRequest(prompt=["batch c"], do_classifier_free_guidance=False))
+    assert torch.equal(alone.prompt_embeds, c.result().prompt_embeds)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from shared.batching import MicroBatcher
 from shared.models import fingerprint, load_component
 from shared.protocol import EncodeRequest, EncodeResponse
 from shared.runtime import StageRuntime
@@ -67,6 +69,13 @@ class TextEncoderRuntime(StageRuntime):
 
     def _load(self, model: str) -> None:
         self.cache = EmbeddingCache(self.settings.embedding_cache_bytes)
+        self.batcher = MicroBatcher(
+            "text-encode",
+            self._encode_many,
+            key=lambda r: None,  # all prompts are padded to the same length: any requests can share
+            size=lambda r: len(r.prompt),
+            max_items=self.settings.max_batch_size,
+        )
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = load_component(CLIPTokenizer, model, "tokenizer")
@@ -77,10 +86,17 @@ class TextEncoderRuntime(StageRuntime):
     def _warm_up(self) -> None:
         self.encode(EncodeRequest(prompt=["warm up"]))
 
+    def close(self) -> None:
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()
+        super().close()
+
     def stats(self) -> dict[str, tuple[str, str, float]]:
         c = self.cache
         return {
             **super().stats(),
+            "text_encode_batches": ("counter", "Text-encoder batches run", self.batcher.batches),
             "embedding_cache_hits": ("counter", "Prompt embeddings served from the cache", c.hits),
             "embedding_cache_misses": ("counter", "Prompt embeddings computed", c.misses),
             "embedding_cache_bytes": ("gauge", "Bytes held by the embedding cache", c.bytes),
@@ -120,16 +136,31 @@ class TextEncoderRuntime(StageRuntime):
                 self.cache.put(keys[i], out[j : j + 1].clone())
         return torch.cat([r for r in rows if r is not None])
 
-    @torch.inference_mode()
     def encode(self, request: EncodeRequest) -> EncodeResponse:
-        """Embed ``prompt`` and, when guidance is on, ``negative_prompt`` (empty strings when absent)."""
+        """Embed ``prompt`` and, when guidance is on, ``negative_prompt`` (empty strings when absent).
+
+        Concurrent requests are micro-batched: their prompts go through the text encoder together.
+        """
+        if self.settings.batching and self.ready:
+            return self.batcher.run(request)
+        return self._encode_many([request])[0]
+
+    @torch.inference_mode()
+    def _encode_many(self, requests: list[EncodeRequest]) -> list[EncodeResponse]:
         start = time.perf_counter()
-        prompt_embeds = self._embed(request.prompt)
-        negative = None
-        if request.do_classifier_free_guidance:
-            negative = self._embed(request.negative_prompt or [""] * len(request.prompt))
-        return EncodeResponse(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            encode_ms=(time.perf_counter() - start) * 1000,
-        )
+        counts = [len(r.prompt) for r in requests]
+        positives = self._embed([p for r in requests for p in r.prompt]).split(counts)
+        guided = [r for r in requests if r.do_classifier_free_guidance]
+        negatives: Iterator[torch.Tensor] = iter(())
+        if guided:
+            texts = [t for r in guided for t in (r.negative_prompt or [""] * len(r.prompt))]
+            negatives = iter(self._embed(texts).split([len(r.prompt) for r in guided]))
+        elapsed = (time.perf_counter() - start) * 1000
+        return [
+            EncodeResponse(
+                prompt_embeds=positive,
+                negative_prompt_embeds=next(negatives) if r.do_classifier_free_guidance else None,
+                encode_ms=elapsed,
+            )
+            for r, positive in zip(requests, positives, strict=True)
+        ]

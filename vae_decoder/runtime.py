@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import PIL.Image
 import torch
 
+from shared.batching import MicroBatcher
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse
@@ -30,6 +32,15 @@ class VaeRuntime(StageRuntime):
         self.vae = self.place(vae)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Decodes run on the batcher's thread, image encodes on request threads: one at a time on the VAE.
+        self._model_lock = threading.Lock()
+        self.decode_batcher = MicroBatcher(
+            "vae-decode",
+            self._decode_many,
+            key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
+            size=lambda r: int(r.latents.shape[0]),
+            max_items=self.settings.max_batch_size,
+        )
 
     def _warm_up(self) -> None:
         self.decode(DecodeRequest(latents=torch.zeros(1, self.vae.config.latent_channels, 8, 8)))
@@ -43,22 +54,35 @@ class VaeRuntime(StageRuntime):
             "sample_size": cfg.sample_size,
         }
 
-    @torch.inference_mode()
     def decode(self, request: DecodeRequest) -> DecodeResponse:
-        """``latents`` (B, C, h, w) as the UNet returns them -> ``uint8`` images (B, 8h, 8w, 3)."""
-        latents = request.latents
+        """``latents`` (B, C, h, w) as the UNet returns them -> ``uint8`` images (B, 8h, 8w, 3).
+
+        Concurrent decodes of equal latent shape are micro-batched into one VAE forward.
+        """
         channels = self.vae.config.latent_channels
-        if latents.shape[1] != channels:
+        if request.latents.shape[1] != channels:
             raise InvalidValue(
-                f"`latents` have {latents.shape[1]} channels but this VAE takes {channels}", param="latents"
+                f"`latents` have {request.latents.shape[1]} channels but this VAE takes {channels}", param="latents"
             )
+        if self.settings.batching and self.ready:
+            return self.decode_batcher.run(request)
+        return self._decode_many([request])[0]
+
+    @torch.inference_mode()
+    def _decode_many(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
+        with self._model_lock:
+            return self._decode_locked(requests)
+
+    def _decode_locked(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
         start = time.perf_counter()
-        latents = latents.to(self.device, self.dtype)
+        latents = torch.cat([r.latents for r in requests]).to(self.device, self.dtype)
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         # What output_type="pil" does: the processor's float HWC array, then numpy_to_pil's rounding.
         pixels = self.image_processor.postprocess(image, output_type="np")
         images = torch.from_numpy((pixels * 255).round().astype("uint8"))
-        return DecodeResponse(images=images, decode_ms=(time.perf_counter() - start) * 1000)
+        elapsed = (time.perf_counter() - start) * 1000
+        parts = images.split([int(r.latents.shape[0]) for r in requests])
+        return [DecodeResponse(images=part, decode_ms=elapsed) for part in parts]
 
     @torch.inference_mode()
     def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
@@ -72,6 +96,11 @@ class VaeRuntime(StageRuntime):
                 f"{height} and {width}.",
                 param="images",
             )
+        with self._model_lock:
+            return self._encode_image_locked(request, height, width)
+
+    def _encode_image_locked(self, request: EncodeImageRequest, height: int, width: int) -> EncodeImageResponse:
+        images = request.images
         start = time.perf_counter()
         # The pipelines' own preprocessing: PIL -> float in [-1, 1]. The size is already final, so no resize.
         pil = [PIL.Image.fromarray(images[i].numpy()) for i in range(images.shape[0])]
@@ -97,3 +126,17 @@ class VaeRuntime(StageRuntime):
             means.append(dist.mean.contiguous())
             stds.append(dist.std.contiguous())
         return torch.cat(means), torch.cat(stds)
+
+    def close(self) -> None:
+        batcher = getattr(self, "decode_batcher", None)
+        if batcher is not None:
+            batcher.close()
+        super().close()
+
+    def stats(self) -> dict[str, tuple[str, str, float]]:
+        b = self.decode_batcher
+        return {
+            **super().stats(),
+            "vae_decode_batches": ("counter", "VAE decode forwards", b.batches),
+            "vae_largest_decode_batch": ("gauge", "Most requests decoded in one forward", b.largest_batch),
+        }
