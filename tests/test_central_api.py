@@ -25,33 +25,14 @@ from shared import wire
 from shared.errors import error_envelope
 from shared.protocol import StageInfo
 from shared.settings import Settings
+from tests.helpers import assert_envelope
 
 STEPS = 2
 STAGE_NAMES = ["text_encoder", "diffusion_unet", "vae_decoder"]
 OPS = {"text_encoder": "encode", "diffusion_unet": "denoise", "vae_decoder": "decode"}
-LEAKS = ("Traceback", "/work/", "site-packages", 'File "')
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def assert_envelope(response: Any, status: int, *, type_: str | None = None, param: Any = ...) -> dict[str, Any]:
-    """The response is the SPEC §7 envelope with ``status``; returns the inner error object."""
-    text = response.text
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {text[:600]}"
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    body = response.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"type", "message", "param"}, err
-    assert isinstance(err["type"], str) and err["type"]
-    assert isinstance(err["message"], str) and err["message"]
-    assert err["param"] is None or isinstance(err["param"], str)
-    if type_ is not None:
-        assert err["type"] == type_, err
-    if param is not ...:
-        assert err["param"] == param, err
-    for marker in LEAKS:
-        assert marker not in text, f"response leaks {marker!r}: {text[:600]}"
-    return err
 
 
 def image_of(b64: str) -> Image.Image:

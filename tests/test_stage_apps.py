@@ -21,35 +21,9 @@ from fastapi.testclient import TestClient
 
 from shared import wire
 from shared.settings import Settings
-
-ENVELOPE_KEYS = {"type", "message", "param"}
-LEAKS = ("Traceback", "/work/", "site-packages", 'File "', '.py", line')
-
+from tests.helpers import assert_envelope
 
 # ------------------------------------------------------------------------------------------------ helpers
-def assert_envelope(response: Any, status: int, *, type_: str | None = None, param: Any = ...) -> dict[str, Any]:
-    """The response is the SPEC §7 envelope with ``status``; returns the inner error object."""
-    text = response.text
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {text[:600]}"
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    body = response.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == ENVELOPE_KEYS, err
-    assert isinstance(err["type"], str) and err["type"]
-    assert isinstance(err["message"], str) and err["message"]
-    assert err["param"] is None or isinstance(err["param"], str)
-    if type_ is not None:
-        assert err["type"] == type_, err
-    if param is not ...:
-        assert err["param"] == param, err
-    assert_no_leak(text)
-    return err
-
-
-def assert_no_leak(text: str) -> None:
-    for marker in LEAKS:
-        assert marker not in text, f"response leaks {marker!r}: {text[:500]}"
 
 
 def post_msgpack(client: TestClient, path: str, body: bytes, **headers: str) -> Any:
