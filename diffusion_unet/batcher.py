@@ -49,7 +49,7 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._pending: deque[_Waiter] = deque()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._started = False
         # Read by /metrics and tests: forwards run, and the images in the largest forward so far.
         self.forwards = 0
         self.largest_batch = 0
@@ -61,9 +61,9 @@ class ContinuousBatcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the UNet batcher is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="unet-batcher", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                self.runtime.start_model_loop(self._loop)
             self._pending.append(waiter)
             self._cond.notify()
         waiter.done.wait()

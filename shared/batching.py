@@ -43,15 +43,18 @@ class MicroBatcher(Generic[Req, Resp]):
         key: Callable[[Req], Hashable],
         size: Callable[[Req], int],
         max_items: int,
+        start: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
+        """``start(loop)`` runs the batch loop on the thread that should own the model (default: a new one)."""
         self.name = name
+        self._start = start or (lambda loop: threading.Thread(target=loop, name=f"{name}-batcher", daemon=True).start())
         self._run_batch = run_batch
         self._key = key
         self._size = size
         self.max_items = max_items
         self._cond = threading.Condition()
         self._pending: deque[_Item[Req, Resp]] = deque()
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._closed = False
         self.batches = 0
         self.largest_batch = 0
@@ -62,9 +65,9 @@ class MicroBatcher(Generic[Req, Resp]):
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the {self.name} batcher is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"{self.name}-batcher", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                self._start(self._loop)
             self._pending.append(item)
             self._cond.notify()
         item.done.wait()

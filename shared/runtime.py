@@ -61,6 +61,9 @@ class StageRuntime:
         # Requests admitted (queued or computing); past settings.max_queue new ones get 429.
         self._in_flight = 0
         self._executor = ThreadPoolExecutor(max_workers=self.worker_threads(), thread_name_prefix=f"{self.stage}-torch")
+        # One thread loads, warms up and then runs the stage's batcher loop: torch's OpenMP keeps a worker
+        # pool per calling thread; with a second pool the UNet took 308-322 ms a step vs 223-283 (benchmarks.md).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-model")
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -91,7 +94,11 @@ class StageRuntime:
         )
 
     async def load_async(self) -> None:
-        await self.run(self.load)
+        await asyncio.get_running_loop().run_in_executor(self._model_thread, self.load)
+
+    def start_model_loop(self, loop: Callable[[], None]) -> None:
+        """Run a batcher's loop on the model thread (after loading, which it waits behind). One per stage."""
+        self._model_thread.submit(loop)
 
     def _load(self, model: str) -> None:
         raise NotImplementedError
@@ -123,6 +130,7 @@ class StageRuntime:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ execution
     def worker_threads(self) -> int:

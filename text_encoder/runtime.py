@@ -75,6 +75,7 @@ class TextEncoderRuntime(StageRuntime):
             key=lambda r: None,  # all prompts are padded to the same length: any requests can share
             size=lambda r: len(r.prompt),
             max_items=self.settings.max_batch_size,
+            start=self.start_model_loop,
         )
         from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -40,6 +40,7 @@ class VaeRuntime(StageRuntime):
             key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
             size=lambda r: int(r.latents.shape[0]),
             max_items=self.settings.max_batch_size,
+            start=self.start_model_loop,
         )
 
     def _warm_up(self) -> None:
