@@ -294,6 +294,7 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) 
         "errors": {str(s): sum(1 for r in records if r["status"] == s) for s in {r["status"] for r in records}}
         if len(ok) != len(records)
         else {},
+        "error_samples": [r["error"] for r in records if r["status"] != 200][:3],
         "makespan_s": makespan,
         "images_per_s": len(ok) / makespan,
         "latencies_ms": [r["latency_ms"] for r in ok],
@@ -414,7 +415,7 @@ async def short_under_long(
                     "long_in_unet_after_ms": (t_in_unet - t_sent) * 1000,
                     "short_sent_after_long_ms": (short["t_start"] - long["t_start"]) * 1000,
                     "long_finished_after_short": float(long["t_end"] > short["t_end"]),
-                    "short_denoise_ms": short.get("denoise_ms", float("nan")),
+                    **{f"short_{k}": short.get(k, float("nan")) for k in ("encode_ms", "denoise_ms", "decode_ms")},
                 }
             )
     solo_p50 = percentile(solo, 50)
@@ -564,7 +565,13 @@ def markdown(res: dict[str, Any]) -> str:
         + f"); TRIPTYCH_MAX_BATCH_SIZE={st['max_batch_size']}, TRIPTYCH_MAX_QUEUE={st['max_queue']}, "
         f"TRIPTYCH_EMBEDDING_CACHE_BYTES={st['embedding_cache_bytes']}, TRIPTYCH_CPU_THREADS={st['cpu_threads']}; "
         f"device cpu, float32. diffusers runs in the bench process (torch threads {m['torch_threads_bench']}).",
-        f"- Requests per concurrency level and repetition: {st['requests_desc']}; {st['reps']} repetitions, "
+        f"- Requests per concurrency level and repetition: {st['requests_desc']}; {st['reps']} repetitions"
+        + (
+            f" (of {st['reps_asked']} asked: the rest would not fit in {st['time_budget_s']:g} s)"
+            if st["reps"] < st["reps_asked"]
+            else ""
+        )
+        + ", "
         "order of the servers rotated; images/s = requests / makespan (median across repetitions, min–max in "
         "brackets); latencies pooled across repetitions.",
         f"- Load: {env['quiet']['foreign_serve_processes']} other `serve` processes, CPUs "
@@ -720,7 +727,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--requests", type=int, default=None, help="requests per level and repetition (default max(8, 2×level))"
     )
     p.add_argument("--diffusers-requests", type=int, default=16, help="sequential diffusers requests per repetition")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the sweep (3)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the sweep, at most (3)")
+    p.add_argument("--min-reps", type=int, default=2, help="repetitions run whatever the time budget (2)")
+    p.add_argument(
+        "--time-budget", type=float, default=345, help="seconds for the whole run; later repetitions are skipped (345)"
+    )
     p.add_argument("--no-batching-off", action="store_true", help="skip the TRIPTYCH_BATCHING=false server")
     p.add_argument("--short-steps", type=int, default=4)
     p.add_argument("--long-steps", type=int, default=50)
@@ -873,14 +884,22 @@ def main(argv: list[str] | None = None) -> int:
 
         log("warm-up")
         diffusers_sequential(pipe, bodies(99, 99, 2))
-        for s in servers.values():
-            asyncio.run(closed_loop(s.url, bodies(98, 98, max(levels)), max(levels)))
+        for name, s in servers.items():  # batch shapes up to the cap; unbatched servers need no more than a few
+            n_warm = max(levels) if name == "batching_on" else min(4, max(levels))
+            asyncio.run(closed_loop(s.url, bodies(98, 98, n_warm), n_warm))
 
         n_for = {c: args.requests or max(8, 2 * c) for c in levels}
         runs: dict[str, list[dict[str, Any]]] = {}
         diff_runs: list[dict[str, Any]] = []
         health: dict[str, list[HealthPoller]] = {name: [] for name in servers}
+        reps_done, rep_time_s = 0, 0.0
         for rep in range(args.reps):
+            # Keep the whole run within --time-budget: after the minimum, skip repetitions that would not fit
+            # (the short-under-long test and shutdown still follow: about 45 s).
+            rep_start = time.monotonic()
+            if rep >= args.min_reps and rep_time_s and (rep_start - started_t) + rep_time_s + 45 > args.time_budget:
+                log(f"skipping repetitions {rep + 1}-{args.reps}: past --time-budget {args.time_budget:g} s")
+                break
             foreign_seen.append(foreign_serve_count(own_roots))
             r = diffusers_sequential(pipe, bodies(0, rep, args.diffusers_requests))
             diff_runs.append(r)
@@ -911,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (f", errors {r['errors']}" if r["errors"] else "")
                     )
             foreign_seen.append(foreign_serve_count(own_roots))
+            reps_done += 1
+            rep_time_s = max(rep_time_s, time.monotonic() - rep_start)
 
         # ---- a short request under a long one
         sul: dict[str, Any] = {}
@@ -1002,7 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_level": n_for,
             "requests_desc": req_desc,
             "diffusers_requests": args.diffusers_requests,
-            "reps": args.reps,
+            "reps": reps_done,
+            "reps_asked": args.reps,
+            "time_budget_s": args.time_budget,
             "batching_off": not args.no_batching_off,
             "max_batch_size": args.max_batch_size or defaults.max_batch_size,
             "max_queue": defaults.max_queue,
