@@ -43,7 +43,6 @@ Decoding is CPU work: routes should call these functions through ``run_in_thread
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import logging
@@ -51,6 +50,7 @@ import re
 import struct
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageFile, ImageOps
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -205,7 +205,7 @@ def _to_bytes(data: bytes | bytearray | memoryview | str, *, param: str, max_byt
         raise InvalidValue(f"`{param}` is not valid base64 (its length is impossible).", param=param)
     text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(text, validate=True)
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidValue(f"`{param}` is not valid base64.", param=param) from None
 

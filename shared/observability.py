@@ -22,7 +22,9 @@
   ``triptych_model_info``                     gauge = 1  triptych_service, model, fingerprint, device,
                                                          dtype, version  (stages, once loaded)
   ``triptych_stage_hop_seconds``              histogram  stage, op, status  (central: each stage call,
-                                                         until the stage's response headers)
+                                                         request sent to reply read; status is the
+                                                         HTTP code, or timeout / unreachable /
+                                                         bad_response)
   ==========================================  =========  ============================================
 
   ``route`` is the route's template (``/v1/encode``), never the raw path, so label values stay bounded.
@@ -50,7 +52,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,8 +80,6 @@ from shared import __version__
 from shared.errors import error_envelope
 
 if TYPE_CHECKING:
-    import httpx
-
     from shared.runtime import StageRuntime
 
 T = TypeVar("T")
@@ -166,24 +166,11 @@ def context_from_headers(headers: dict[str, str]) -> RequestContext:
     return RequestContext(request_id, trace_id, secrets.token_hex(8), parent, flags, tracestate)
 
 
-def trace_event_hooks(stage: str) -> dict[str, list[Callable[..., Awaitable[None]]]]:
-    """``event_hooks`` for the ``httpx.AsyncClient`` that calls ``stage``: every call carries the current
-    request ID and ``traceparent``, and its duration goes into the serving app's hop histogram."""
-
-    async def inject(request: httpx.Request) -> None:
-        for name, value in outgoing_headers().items():
-            request.headers.setdefault(name, value)
-        request.extensions["triptych_start"] = time.perf_counter()
-
-    async def record(response: httpx.Response) -> None:
-        obs = _current_observability.get()
-        start = response.request.extensions.get("triptych_start")
-        if obs is None or start is None:
-            return
-        op = response.request.url.path.rsplit("/", 1)[-1]
-        obs.hop_seconds.labels(stage, op, str(response.status_code)).observe(time.perf_counter() - start)
-
-    return {"request": [inject], "response": [record]}
+def observe_hop(stage: str, op: str, status: int | str, seconds: float) -> None:
+    """Record one call from central to ``stage`` in the serving app's hop histogram (no-op outside a request)."""
+    obs = _current_observability.get()
+    if obs is not None:
+        obs.hop_seconds.labels(stage, op, str(status)).observe(seconds)
 
 
 # ================================================================================================ logging
@@ -558,8 +545,8 @@ __all__ = [
     "RequestContext",
     "current_context",
     "install_observability",
+    "observe_hop",
     "outgoing_headers",
     "parse_traceparent",
     "serve",
-    "trace_event_hooks",
 ]

@@ -60,10 +60,16 @@ class StageRuntime:
         self._load_error: str | None = None
         # Requests admitted (queued or computing); past settings.max_queue new ones get 429.
         self._in_flight = 0
-        self._executor = ThreadPoolExecutor(max_workers=self.worker_threads(), thread_name_prefix=f"{self.stage}-torch")
-        # One thread loads, warms up and then runs the stage's batcher loop: torch's OpenMP keeps a worker
-        # pool per calling thread; with a second pool the UNet took 308-322 ms a step vs 223-283 (benchmarks.md).
+        # One thread loads, warms up and runs every torch call: torch's OpenMP keeps a worker pool per calling
+        # thread; with a second pool the UNet took 308-322 ms a step vs 223-283 (benchmarks.md). With batching
+        # on, that thread runs the stage's batcher loop and requests wait for it on threads of their own
+        # (``_waiters``); with batching off, requests run on the model thread itself, one at a time.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-model")
+        self._waiters = (
+            ThreadPoolExecutor(max_workers=settings.max_queue + 1, thread_name_prefix=f"{self.stage}-request")
+            if settings.batching
+            else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -129,21 +135,17 @@ class StageRuntime:
             raise StageUnavailable(f"{self.stage} is not ready: {reason}", headers={"Retry-After": "5"})
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False, cancel_futures=True)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ execution
-    def worker_threads(self) -> int:
-        """Threads that run requests. With batching, request threads only wait for the stage's batcher
-        thread, which alone touches the model; without it, one thread serialises the requests."""
-        return self.settings.max_queue + 1 if self.settings.batching else 1
-
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on a worker thread without blocking the event loop.
+        """Run ``fn(*args)`` off the event loop (on the model thread, or a request thread that waits for it).
 
         Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
         Retry-After) instead of queueing without limit. If the caller is cancelled (its client went away),
@@ -161,7 +163,7 @@ class StageRuntime:
         ctx.run(_CANCEL.set, token)
         self._in_flight += 1
         try:
-            return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+            return await loop.run_in_executor(self._waiters or self._model_thread, ctx.run, fn, *args)
         except asyncio.CancelledError:
             token.set()
             raise

@@ -76,7 +76,7 @@ class MsgpackResponse(Response):
         return wire.encode(content)
 
 
-def get_runtime(request: Request) -> StageRuntime:
+async def get_runtime(request: Request) -> StageRuntime:
     runtime: StageRuntime = request.app.state.runtime
     runtime.check_ready()
     return runtime

@@ -1,8 +1,12 @@
-"""Assertions shared by the API test modules."""
+"""Assertions and doubles shared by the API test modules."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import httpx
+
+from central.clients import Exchange, HttpReply
 
 ENVELOPE_KEYS = {"type", "message", "param"}
 LEAKS = ("Traceback", "/work/", "site-packages", 'File "', '.py", line')
@@ -31,3 +35,17 @@ def assert_envelope(response: Any, status: int, *, type_: str | None = None, par
         assert err["param"] == param, err
     assert_no_leak(text)
     return err
+
+
+def asgi_exchange(app: Any) -> Exchange:
+    """An ``HttpTransport`` exchange that hands each request to ``app`` in this process (through httpx's
+    ASGI transport): the stage's real middleware, routes and msgpack handling, without a socket."""
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+
+    async def exchange(
+        method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+    ) -> HttpReply:
+        r = await client.request(method, url, content=body, headers=headers, timeout=timeout_s)
+        return HttpReply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+
+    return exchange

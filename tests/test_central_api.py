@@ -8,9 +8,10 @@ import io
 import json
 import threading
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
-import httpx
+import aiohttp
 import msgpack
 import numpy as np
 import pytest
@@ -19,13 +20,21 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from central.app import build_app
-from central.clients import HttpTransport, LocalTransport, TextEncoderClient, Transport, UNetClient, VaeClient
+from central.clients import (
+    HttpReply,
+    HttpTransport,
+    LocalTransport,
+    TextEncoderClient,
+    Transport,
+    UNetClient,
+    VaeClient,
+)
 from central.pipeline import Orchestrator, compatibility_problems
 from shared import wire
 from shared.errors import error_envelope
 from shared.protocol import StageInfo
 from shared.settings import Settings
-from tests.helpers import assert_envelope
+from tests.helpers import asgi_exchange, assert_envelope
 
 STEPS = 2
 STAGE_NAMES = ["text_encoder", "diffusion_unet", "vae_decoder"]
@@ -331,30 +340,36 @@ def test_oversized_json_body_is_413(settings: Settings, runtimes: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------ stages behind HttpTransport
+Failure = Callable[[], HttpReply]
+
+
 class StageDouble:
-    """A ``httpx.MockTransport`` handler: the real stage app over ASGI, except for scripted failures."""
+    """An ``HttpTransport`` exchange: the real stage app over ASGI, except for scripted failures."""
 
     def __init__(self, app: Any) -> None:
-        self.asgi = httpx.ASGITransport(app=app)
-        self.failures: list[Callable[[httpx.Request], httpx.Response]] = []
-        self.info_failure: Callable[[httpx.Request], httpx.Response] | None = None
+        self.forward = asgi_exchange(app)
+        self.failures: list[Failure] = []
+        self.info_failure: Failure | None = None
         self.info_patch: dict[str, Any] = {}
         self.calls: list[str] = []
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.calls.append(request.url.path)
-        if request.url.path == "/v1/info":
+    async def __call__(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+    ) -> HttpReply:
+        path = url.split("://", 1)[-1].partition("/")[2]
+        path = "/" + path
+        self.calls.append(path)
+        if path == "/v1/info":
             if self.info_failure is not None:
-                return self.info_failure(request)
+                return self.info_failure()
             if self.info_patch:
-                response = await self.asgi.handle_async_request(request)
-                await response.aread()
-                info = response.json()
+                reply = await self.forward(method, url, body, headers, timeout_s)
+                info = json.loads(reply.body)
                 info["config"] = {**info["config"], **self.info_patch}
-                return httpx.Response(200, json=info)
+                return HttpReply(200, {"content-type": "application/json"}, json.dumps(info).encode())
         elif self.failures:
-            return self.failures.pop(0)(request)
-        return await self.asgi.handle_async_request(request)
+            return self.failures.pop(0)()
+        return await self.forward(method, url, body, headers, timeout_s)
 
 
 def stage_app(name: str, settings: Settings, runtime: Any) -> Any:
@@ -374,7 +389,7 @@ def http_transport(name: str, double: StageDouble) -> HttpTransport:
         op_timeouts_s={OPS[name]: 30.0},
         connect_timeout_s=5.0,
         info_timeout_s=5.0,
-        transport=httpx.MockTransport(double),
+        exchange=double,
     )
 
 
@@ -417,50 +432,77 @@ def test_all_stages_over_http_match_in_process(
         assert double.calls.count(f"/v1/{OPS[name]}") == 1, double.calls  # one hop per stage per request
 
 
-def _raise(exc_type: type[Exception]) -> Callable[[httpx.Request], httpx.Response]:
-    def fail(request: httpx.Request) -> httpx.Response:
-        raise exc_type("scripted failure", request=request)  # type: ignore[call-arg]
+def _raise(exc: BaseException) -> Failure:
+    """What aiohttp raises when the network fails (the same exception classes, made here)."""
+
+    def fail() -> HttpReply:
+        raise exc
 
     return fail
 
 
-def _respond(status: int, **kwargs: Any) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(status, **kwargs)
+def _respond(
+    status: int,
+    *,
+    json_body: Any = ...,
+    text: str | None = None,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Failure:
+    hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+    if json_body is not ...:
+        body, hdrs["content-type"] = json.dumps(json_body).encode(), "application/json"
+    elif text is not None:
+        body = text.encode()
+        hdrs.setdefault("content-type", "text/plain; charset=utf-8")
+    else:
+        body = content or b""
+    return lambda: HttpReply(status, hdrs, body)
 
 
+REFUSED = aiohttp.ClientConnectorError(
+    SimpleNamespace(host="stage.test", port=8001, ssl=False),  # type: ignore[arg-type]
+    ConnectionRefusedError(111, "Connection refused"),
+)
 MSGPACK = {"content-type": wire.CONTENT_TYPE}
 # name -> (failure, expected status, expected type, expected param or ...)
-STAGE_FAILURES: dict[str, tuple[Callable[[httpx.Request], httpx.Response], int, str, Any]] = {
-    "connect-error": (_raise(httpx.ConnectError), 503, "unavailable", ...),
-    "connect-timeout": (_raise(httpx.ConnectTimeout), 503, "unavailable", ...),
-    "remote-protocol-error": (_raise(httpx.RemoteProtocolError), 503, "unavailable", ...),
-    "read-timeout": (_raise(httpx.ReadTimeout), 504, "timeout", ...),
-    "write-timeout": (_raise(httpx.WriteTimeout), 504, "timeout", ...),
-    "500-envelope": (_respond(500, json=error_envelope("internal_error", "boom")), 502, "bad_gateway", ...),
+STAGE_FAILURES: dict[str, tuple[Failure, int, str, Any]] = {
+    "connect-error": (_raise(REFUSED), 503, "unavailable", ...),
+    "connect-timeout": (_raise(aiohttp.ConnectionTimeoutError("Connection timeout")), 503, "unavailable", ...),
+    "server-disconnected": (_raise(aiohttp.ServerDisconnectedError()), 503, "unavailable", ...),
+    "payload-cut-short": (
+        _raise(aiohttp.ClientPayloadError("Response payload is not completed")),
+        503,
+        "unavailable",
+        ...,
+    ),
+    "read-timeout": (_raise(aiohttp.SocketTimeoutError("Timeout on reading data from socket")), 504, "timeout", ...),
+    "total-timeout": (_raise(TimeoutError()), 504, "timeout", ...),
+    "500-envelope": (_respond(500, json_body=error_envelope("internal_error", "boom")), 502, "bad_gateway", ...),
     "500-html": (_respond(500, text="<html>oops</html>"), 502, "bad_gateway", ...),
     "200-garbage-msgpack": (_respond(200, content=b"\xc1garbage", headers=MSGPACK), 502, "bad_gateway", ...),
-    "200-json": (_respond(200, json={"prompt_embeds": 1}), 502, "bad_gateway", ...),
+    "200-json": (_respond(200, json_body={"prompt_embeds": 1}), 502, "bad_gateway", ...),
     "200-wrong-message": (_respond(200, content=wire.encode({"what": 1}), headers=MSGPACK), 502, "bad_gateway", ...),
     "400-from-stage": (
-        _respond(400, json=error_envelope("malformed_request", "bad body")),
+        _respond(400, json_body=error_envelope("malformed_request", "bad body")),
         502,
         "bad_gateway",
         ...,
     ),
     "422-relayed": (
-        _respond(422, json=error_envelope("invalid_value", "`height` is wrong", "height")),
+        _respond(422, json_body=error_envelope("invalid_value", "`height` is wrong", "height")),
         422,
         "invalid_value",
         "height",
     ),
     "429-relayed": (
-        _respond(429, json=error_envelope("overloaded", "busy"), headers={"Retry-After": "7"}),
+        _respond(429, json_body=error_envelope("overloaded", "busy"), headers={"Retry-After": "7"}),
         429,
         "overloaded",
         ...,
     ),
-    "503-from-stage": (_respond(503, json=error_envelope("unavailable", "loading")), 503, "unavailable", ...),
-    "504-from-stage": (_respond(504, json=error_envelope("timeout", "slow")), 504, "timeout", ...),
+    "503-from-stage": (_respond(503, json_body=error_envelope("unavailable", "loading")), 503, "unavailable", ...),
+    "504-from-stage": (_respond(504, json_body=error_envelope("timeout", "slow")), 504, "timeout", ...),
 }
 
 
@@ -563,16 +605,16 @@ def test_incompatible_at_start_refuses_generation(settings: Settings, runtimes: 
 @pytest.mark.parametrize(
     ("name", "failure"),
     [
-        ("unreachable", _raise(httpx.ConnectError)),
-        ("loading", _respond(503, json=error_envelope("unavailable", "model is loading"))),
-        ("info-times-out", _raise(httpx.ReadTimeout)),
+        ("unreachable", _raise(REFUSED)),
+        ("loading", _respond(503, json_body=error_envelope("unavailable", "model is loading"))),
+        ("info-times-out", _raise(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))),
         ("info-garbage", _respond(200, text="not json")),
-        ("info-wrong-shape", _respond(200, json={"stage": "diffusion_unet"})),
+        ("info-wrong-shape", _respond(200, json_body={"stage": "diffusion_unet"})),
     ],
 )
 @pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_readyz_is_503_when_a_stage_is_not_ready(
-    central_with_double: Any, stage: str, name: str, failure: Callable[[httpx.Request], httpx.Response]
+    central_with_double: Any, stage: str, name: str, failure: Failure
 ) -> None:
     """SPEC §4: /readyz is 503 with the reason whenever a stage is not reachable, loaded and compatible."""
     c, double = central_with_double(stage)

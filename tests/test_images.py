@@ -144,7 +144,7 @@ def test_oversized_base64_is_413_before_decoding(monkeypatch: pytest.MonkeyPatch
     def refuse(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("b64decode was called")
 
-    monkeypatch.setattr(images.base64, "b64decode", refuse)
+    monkeypatch.setattr(images.pybase64, "b64decode", refuse)
     text = "A" * (4 * 1000)  # decodes to 3000 bytes
     with pytest.raises(PayloadTooLarge) as err:
         decode_image(text, param="image", max_bytes=2999, max_pixels=10**6)

@@ -31,6 +31,7 @@ from shared import __version__, wire
 from shared.observability import JsonFormatter, Lifecycle, access_log, context_from_headers, parse_traceparent
 from shared.settings import Settings
 from tests.conftest import REPO, free_port_block
+from tests.helpers import asgi_exchange
 
 GOOD: dict[str, Any] = {"prompt": "a lighthouse at dusk", "seed": 3, "num_inference_steps": 2}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -100,7 +101,7 @@ def topology(
             stage,
             f"http://{stage}",
             op_timeouts_s={STAGE_OPS[stage]: 60.0},
-            transport=httpx.ASGITransport(app=apps[stage]),
+            exchange=asgi_exchange(apps[stage]),
         )
 
     orchestrator = Orchestrator(
