@@ -315,8 +315,14 @@ class Client:
         self._conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> Reply:
-        self._conn.request("POST", path, body=body, headers=headers)
-        r = self._conn.getresponse()
+        try:
+            self._conn.request("POST", path, body=body, headers=headers)
+            r = self._conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # central closed the idle keep-alive connection (uvicorn: after 5 s, while the pipeline ran)
+            self._conn.close()
+            self._conn.request("POST", path, body=body, headers=headers)
+            r = self._conn.getresponse()
         content = r.read()
         return self.Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, content)
 

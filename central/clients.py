@@ -240,7 +240,7 @@ class LocalTransport:
 
     async def call(self, op: str, request: WireModel, response_type: type[R]) -> R:
         self.runtime.check_ready()
-        result = await self.runtime.run(getattr(self.runtime, op), request)
+        result = await self.runtime.call(op, request)
         if not isinstance(result, response_type):
             raise StageBadResponse(f"{self.stage}.{op} returned {type(result).__name__}")
         return result

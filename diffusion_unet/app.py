@@ -21,7 +21,7 @@ def build_app(settings: Settings | None = None, runtime: UNetRuntime | None = No
         router,
         "/v1/denoise",
         DenoiseRequest,
-        UNetRuntime.denoise,
+        "denoise",
         summary="Embeddings and seeds to final latents (the whole denoise loop)",
     )
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shared.batching import Work
 from shared.protocol import DenoiseRequest, DenoiseResponse
 
 if TYPE_CHECKING:
@@ -30,10 +31,8 @@ log = logging.getLogger("triptych.batcher")
 class _Waiter:
     request: DenoiseRequest
     cancel: threading.Event | None
-    done: threading.Event = field(default_factory=threading.Event)
+    work: Work = field(default_factory=Work)
     job: DenoiseJob | None = None
-    result: DenoiseResponse | None = None
-    error: BaseException | None = None
 
     @property
     def images(self) -> int:
@@ -55,8 +54,9 @@ class ContinuousBatcher:
         self.largest_batch = 0
         self.active_images = 0
 
-    def run(self, request: DenoiseRequest, cancel: threading.Event | None = None) -> DenoiseResponse:
-        """Submit one request and block the calling thread until its final latents are ready."""
+    def submit(self, request: DenoiseRequest, cancel: threading.Event | None = None) -> Work:
+        """Queue one request; its ``Work`` completes with the final latents. Never blocks. Setting ``cancel``
+        (its caller went away) drops the job before its next step."""
         waiter = _Waiter(request, cancel)
         with self._cond:
             if self._closed:
@@ -66,11 +66,12 @@ class ContinuousBatcher:
                 self.runtime.start_model_loop(self._loop)
             self._pending.append(waiter)
             self._cond.notify()
-        waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.result is not None
-        return waiter.result
+        return waiter.work
+
+    def run(self, request: DenoiseRequest, cancel: threading.Event | None = None) -> DenoiseResponse:
+        """Submit one request and block the calling thread until its final latents are ready."""
+        result: DenoiseResponse = self.submit(request, cancel).result()
+        return result
 
     def close(self) -> None:
         with self._cond:
@@ -87,14 +88,14 @@ class ContinuousBatcher:
             admitted: list[_Waiter] = []
             while self._pending and (self._pending[0].images <= room or (not active and not admitted)):
                 waiter = self._pending.popleft()
-                room -= waiter.images
-                admitted.append(waiter)
+                if waiter.work.start():  # else its caller gave up while it was queued
+                    room -= waiter.images
+                    admitted.append(waiter)
             return admitted
 
     @staticmethod
     def _finish(waiter: _Waiter, result: DenoiseResponse | None = None, error: BaseException | None = None) -> None:
-        waiter.result, waiter.error = result, error
-        waiter.done.set()
+        waiter.work.finish(result, error)
 
     def _loop(self) -> None:
         from diffusion_unet.runtime import JobCancelled

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from shared import schedulers
+from shared.batching import Work
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DenoiseRequest, DenoiseResponse
@@ -313,6 +315,11 @@ class UNetRuntime(StageRuntime):
         if batcher is not None:
             batcher.close()
         super().close()
+
+    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
+        if op == "denoise" and self.settings.batching and self.ready:
+            return self.batcher.submit(message, cancel)
+        return None
 
     @torch.inference_mode()
     def denoise(self, req: DenoiseRequest) -> DenoiseResponse:

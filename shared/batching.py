@@ -10,22 +10,45 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 log = logging.getLogger("triptych.batching")
 
 
+class Work(Future[Any]):
+    """One request's result, handed from the stage's model thread to whoever waits for it (an asyncio task
+    through ``asyncio.wrap_future``, or a thread through ``result()``), with when the model thread started
+    and finished it (the queue-wait and compute metrics)."""
+
+    started: float | None = None
+    finished: float | None = None
+
+    def start(self) -> bool:
+        """Claim it for running; False if its caller has already given up on it (then skip it)."""
+        if not self.set_running_or_notify_cancel():
+            return False
+        self.started = time.perf_counter()
+        return True
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.finished = time.perf_counter()
+        if error is not None:
+            self.set_exception(error)
+        else:
+            self.set_result(result)
+
+
 @dataclass
-class _Item(Generic[Req, Resp]):
+class _Item(Generic[Req]):
     request: Req
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Resp | None = None
-    error: BaseException | None = None
+    work: Work = field(default_factory=Work)
 
 
 class MicroBatcher(Generic[Req, Resp]):
@@ -53,15 +76,15 @@ class MicroBatcher(Generic[Req, Resp]):
         self._size = size
         self.max_items = max_items
         self._cond = threading.Condition()
-        self._pending: deque[_Item[Req, Resp]] = deque()
+        self._pending: deque[_Item[Req]] = deque()
         self._started = False
         self._closed = False
         self.batches = 0
         self.largest_batch = 0
 
-    def run(self, request: Req) -> Resp:
-        """Submit one request and block the calling thread until its response is ready."""
-        item: _Item[Req, Resp] = _Item(request)
+    def submit(self, request: Req) -> Work:
+        """Queue one request; its ``Work`` completes when the batch it joined has run. Never blocks."""
+        item: _Item[Req] = _Item(request)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the {self.name} batcher is closed")
@@ -70,17 +93,19 @@ class MicroBatcher(Generic[Req, Resp]):
                 self._start(self._loop)
             self._pending.append(item)
             self._cond.notify()
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result  # type: ignore[return-value]
+        return item.work
+
+    def run(self, request: Req) -> Resp:
+        """Submit one request and block the calling thread until its response is ready."""
+        result: Resp = self.submit(request).result()
+        return result
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
 
-    def _take(self) -> list[_Item[Req, Resp]] | None:
+    def _take(self) -> list[_Item[Req]] | None:
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
@@ -94,24 +119,26 @@ class MicroBatcher(Generic[Req, Resp]):
                     self._pending.remove(item)
                     batch.append(item)
                     room -= size
-            return batch
+            # Callers that gave up while queued (a client went away) are dropped here.
+            return [item for item in batch if item.work.start()]
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            if not batch:
+                continue
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 results = self._run_batch([item.request for item in batch])
-                for item, result in zip(batch, results, strict=True):
-                    item.result = result
             except Exception as exc:
                 if len(batch) == 1:
-                    batch[0].error = exc
-                else:  # isolate the failing request: the others still get their answers
-                    for item in batch:
-                        try:
-                            item.result = self._run_batch([item.request])[0]
-                        except Exception as exc:
-                            item.error = exc
-            for item in batch:
-                item.done.set()
+                    batch[0].work.finish(error=exc)
+                    continue
+                for item in batch:  # isolate the failing request: the others still get their answers
+                    try:
+                        item.work.finish(self._run_batch([item.request])[0])
+                    except Exception as exc:
+                        item.work.finish(error=exc)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                item.work.finish(result)

@@ -52,7 +52,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -352,35 +352,26 @@ class Observability:
     def metrics_response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def run_stage(self, runtime: StageRuntime, op: str, fn: Callable[..., T], *args: Any) -> T:
-        """``runtime.run(fn, *args)``, measured: queue depth while admitted, wait and compute time, batch size.
-
-        ``args[-1]`` is the request message (as ``message_route`` passes it).
-        """
+    async def run_stage(self, runtime: StageRuntime, op: str, message: Any) -> Any:
+        """``runtime.call(op, message)``, measured: queue depth while admitted, the wait for the model thread,
+        compute time, batch size."""
         depth = self.queue_depth.labels(self.service)
         admitted = time.perf_counter()
         depth.inc()
-
-        def timed() -> T:
-            start = time.perf_counter()
-            self.queue_wait.labels(self.service, op).observe(start - admitted)
-            try:
-                return fn(*args)
-            finally:
-                self.compute.labels(self.service, op).observe(time.perf_counter() - start)
-
         try:
-            result = await runtime.run(timed)
+            work = await runtime.execute(op, message)
         finally:
             depth.dec()
-        message = args[-1] if args else None
+        if work.started is not None and work.finished is not None:
+            self.queue_wait.labels(self.service, op).observe(work.started - admitted)
+            self.compute.labels(self.service, op).observe(work.finished - work.started)
         size = batch_size_of(message)
         if size:
             self.batch_size.labels(self.service, op).observe(size)
         steps = denoise_steps_of(message)
         if steps:
             self.denoise_steps.labels(self.service).inc(steps)
-        return result
+        return work.result()
 
 
 _current_observability: ContextVar[Observability | None] = ContextVar("triptych_observability", default=None)

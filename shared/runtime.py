@@ -12,17 +12,17 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
 from shared import __version__
+from shared.batching import Work
 from shared.errors import Overloaded, StageUnavailable
 from shared.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
 from shared.protocol import ModelRef, StageInfo
 from shared.settings import Settings
 
-T = TypeVar("T")
 _CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("triptych_cancel", default=None)
 
 
@@ -38,6 +38,18 @@ def cancel_token() -> threading.Event | None:
 
 
 log = logging.getLogger("triptych.runtime")
+
+
+def _perform(work: Work, fn: Callable[[Any], Any], message: Any) -> None:
+    """On a worker thread: ``fn(message)`` into ``work``, unless its caller gave up while it was queued."""
+    if not work.start():
+        return
+    try:
+        result = fn(message)
+    except BaseException as exc:
+        work.finish(error=exc)
+    else:
+        work.finish(result)
 
 
 class StageRuntime:
@@ -144,12 +156,23 @@ class StageRuntime:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` off the event loop (on the model thread, or a request thread that waits for it).
+    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
+        """Hand ``message`` to the stage's batcher for operation ``op`` without blocking, or return None when
+        ``op`` is not batched (then ``execute`` runs the method on a thread). Stages with batchers override it;
+        setting ``cancel`` tells the batcher the caller went away."""
+        return None
 
-        Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
-        Retry-After) instead of queueing without limit. If the caller is cancelled (its client went away),
-        ``cancel_requested()`` turns true inside ``fn``, so long work such as the denoise loop can stop early.
+    async def execute(self, op: str, message: Any) -> Work:
+        """Run operation ``op`` (the method of that name: ``encode``, ``denoise``, ...) on ``message``, off the
+        event loop; returns the finished ``Work`` (result and timings). What the HTTP route and
+        ``LocalTransport`` both call.
+
+        Batched operations go straight to the batcher on the model thread and the event loop awaits their
+        result: no thread in between. The others run on a thread (the model thread itself when batching is
+        off). Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
+        Retry-After) instead of queueing without limit. If the caller is cancelled (its client went away), the
+        work is dropped if still queued, and otherwise ``cancel_requested()`` turns true inside it, so long
+        work such as the denoise loop stops early.
         """
         if self._in_flight >= self.settings.max_queue:
             raise Overloaded(
@@ -157,18 +180,27 @@ class StageRuntime:
                 f"(max_queue={self.settings.max_queue}); retry later",
                 retry_after_s=1,
             )
-        loop = asyncio.get_running_loop()
         token = threading.Event()
-        ctx = contextvars.copy_context()
-        ctx.run(_CANCEL.set, token)
         self._in_flight += 1
         try:
-            return await loop.run_in_executor(self._waiters or self._model_thread, ctx.run, fn, *args)
-        except asyncio.CancelledError:
-            token.set()
-            raise
+            work = self.submit(op, message, token)
+            if work is None:
+                work = Work()
+                ctx = contextvars.copy_context()
+                ctx.run(_CANCEL.set, token)
+                (self._waiters or self._model_thread).submit(ctx.run, _perform, work, getattr(self, op), message)
+            try:
+                await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                token.set()
+                raise
+            return work
         finally:
             self._in_flight -= 1
+
+    async def call(self, op: str, message: Any) -> Any:
+        """``execute(op, message)``'s result."""
+        return (await self.execute(op, message)).result()
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         """Counters for /metrics: name -> (``"counter"`` or ``"gauge"``, help text, value)."""

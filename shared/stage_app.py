@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -89,19 +89,18 @@ def message_route(
     router: APIRouter,
     path: str,
     request_model: type[M],
-    handler: Callable[[Any, M], Any],
+    op: str,
     *,
     summary: str,
 ) -> None:
-    """Register ``POST path``: msgpack ``request_model`` in, the handler's protocol model out as msgpack.
+    """Register ``POST path``: msgpack ``request_model`` in, the result of the runtime's method ``op`` (a
+    protocol model) out as msgpack. Value errors it raises (InvalidValue) become 422."""
 
-    The handler runs on the runtime's torch thread; value errors it raises (InvalidValue) become 422.
-    """
-
-    async def endpoint(request: Request, runtime: RuntimeDep) -> Response:
+    async def endpoint(request: Request) -> Response:
+        runtime = await get_runtime(request)
         message = await read_message(request, request_model, request.app.state.limits)
         obs = request.app.state.observability  # measured: queue depth, wait and compute time, batch size
-        work = asyncio.ensure_future(obs.run_stage(runtime, path.rsplit("/", 1)[-1], handler, runtime, message))
+        work = asyncio.ensure_future(obs.run_stage(runtime, op, message))
         # A caller that goes away (central timed out, a client hung up) frees its slot: the UNet batcher drops
         # the job before its next step.
         while not work.done():

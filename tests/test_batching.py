@@ -135,7 +135,8 @@ def test_batching_off_runs_one_request_at_a_time(settings, unet_runtime, embeds)
     out = rt.denoise(request(embeds, steps=3, seed=5)).latents
     assert torch.equal(out, unet_runtime.denoise(request(embeds, steps=3, seed=5)).latents)
     # Unbatched requests run on the thread that loaded the model (one OpenMP pool), one at a time.
-    ran_on = asyncio.run(rt.run(lambda: threading.current_thread().name))
+    rt.denoise = lambda message: threading.current_thread().name  # type: ignore[method-assign]
+    ran_on = asyncio.run(rt.call("denoise", request(embeds, steps=3, seed=5)))
     assert ran_on.startswith("diffusion_unet-model"), ran_on
     rt.close()
 

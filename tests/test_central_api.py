@@ -693,14 +693,14 @@ def test_healthz_answers_while_a_generation_computes(
     """The denoise loop runs off the event loop: /healthz and /readyz answer while it is still computing."""
     unet = runtimes["diffusion_unet"]
     started, release = threading.Event(), threading.Event()
-    real_denoise = unet.denoise
+    real_prepare = unet.prepare
 
-    def slow_denoise(request: Any) -> Any:
+    def slow_prepare(request: Any) -> Any:  # on the UNet's model thread, where the batcher admits the job
         started.set()
         release.wait(60)  # held here until the health checks below have answered
-        return real_denoise(request)
+        return real_prepare(request)
 
-    monkeypatch.setattr(unet, "denoise", slow_denoise)
+    monkeypatch.setattr(unet, "prepare", slow_prepare)
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.append(txt2img(client, seed=1, num_inference_steps=30)))
     worker.start()

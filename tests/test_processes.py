@@ -192,3 +192,31 @@ def test_central_reports_a_stage_that_is_down(tiny_model) -> None:  # type: igno
         r = client.post("/v1/txt2img", json=GOOD)
         assert r.status_code == 503
         assert "unreachable" in r.json()["error"]["message"]
+
+
+ALLOCATOR_PROBE = """
+import ctypes, sys
+from central.cli import tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = tune_allocator(int(sys.argv[1]))
+before = libc.mallinfo2().hblks  # mappings made so far (imports)
+block = bytearray(4 * 1024 * 1024)  # a 4 MiB buffer, like a request body
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.parametrize(("threshold", "applied", "mmapped"), [(64 * 1024 * 1024, True, 0), (0, False, 1)])
+def test_serve_keeps_big_buffers_on_the_heap(threshold: int, applied: bool, mmapped: int) -> None:
+    """`triptych serve` raises glibc's mmap threshold (TRIPTYCH_MALLOC_MMAP_THRESHOLD_BYTES): a 4 MiB buffer
+    then comes from the heap instead of a fresh mapping whose pages fault on first touch; 0 leaves glibc's."""
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_PROBE, str(threshold)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(applied), str(mmapped)]

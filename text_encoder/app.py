@@ -19,7 +19,7 @@ def build_app(settings: Settings | None = None, runtime: TextEncoderRuntime | No
         router,
         "/v1/encode",
         EncodeRequest,
-        TextEncoderRuntime.encode,
+        "encode",
         summary="Prompts to prompt_embeds (and negative_prompt_embeds)",
     )
     return build_stage_app(runtime, router, title="Triptych text encoder", owns_runtime=owns_runtime, settings=settings)

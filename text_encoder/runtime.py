@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shared.batching import MicroBatcher
+from shared.batching import MicroBatcher, Work
 from shared.models import fingerprint, load_component
 from shared.protocol import EncodeRequest, EncodeResponse
 from shared.runtime import StageRuntime
@@ -136,6 +136,11 @@ class TextEncoderRuntime(StageRuntime):
                 rows[i] = out[j : j + 1]
                 self.cache.put(keys[i], out[j : j + 1].clone())
         return torch.cat([r for r in rows if r is not None])
+
+    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
+        if op == "encode" and self.settings.batching and self.ready:
+            return self.batcher.submit(message)
+        return None
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:
         """Embed ``prompt`` and, when guidance is on, ``negative_prompt`` (empty strings when absent).

@@ -15,14 +15,12 @@ def build_app(settings: Settings | None = None, runtime: VaeRuntime | None = Non
     owns_runtime = runtime is None
     runtime = runtime or VaeRuntime(settings or get_settings())
     router = APIRouter(tags=["vae_decoder"])
-    message_route(
-        router, "/v1/decode", DecodeRequest, VaeRuntime.decode, summary="Latents to uint8 images (B, H, W, 3)"
-    )
+    message_route(router, "/v1/decode", DecodeRequest, "decode", summary="Latents to uint8 images (B, H, W, 3)")
     message_route(
         router,
         "/v1/encode-image",
         EncodeImageRequest,
-        VaeRuntime.encode_image,
+        "encode_image",
         summary="uint8 images (and mask) to the VAE posterior's moments (img2img / inpaint)",
     )
     return build_stage_app(runtime, router, title="Triptych VAE decoder", owns_runtime=owns_runtime, settings=settings)

@@ -9,7 +9,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from shared.batching import MicroBatcher
+from shared.batching import MicroBatcher, Work
 from shared.errors import InvalidValue
 from shared.models import fingerprint, load_component
 from shared.protocol import DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse
@@ -60,14 +60,23 @@ class VaeRuntime(StageRuntime):
 
         Concurrent decodes of equal latent shape are micro-batched into one VAE forward.
         """
+        self._check_latents(request)
+        if self.settings.batching and self.ready:
+            return self.decode_batcher.run(request)
+        return self._decode_many([request])[0]
+
+    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
+        if op == "decode" and self.settings.batching and self.ready:
+            self._check_latents(message)
+            return self.decode_batcher.submit(message)
+        return None
+
+    def _check_latents(self, request: DecodeRequest) -> None:
         channels = self.vae.config.latent_channels
         if request.latents.shape[1] != channels:
             raise InvalidValue(
                 f"`latents` have {request.latents.shape[1]} channels but this VAE takes {channels}", param="latents"
             )
-        if self.settings.batching and self.ready:
-            return self.decode_batcher.run(request)
-        return self._decode_many([request])[0]
 
     @torch.inference_mode()
     def _decode_many(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
@@ -80,7 +89,9 @@ class VaeRuntime(StageRuntime):
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         # What output_type="pil" does: the processor's float HWC array, then numpy_to_pil's rounding.
         pixels = self.image_processor.postprocess(image, output_type="np")
-        images = torch.from_numpy((pixels * 255).round().astype("uint8"))
+        # C order here, on the model thread: the processor's HWC array is a view of CHW memory, and gathering
+        # it later (to send it) cost 0.8 ms on the event loop for a 512x512 image.
+        images = torch.from_numpy((pixels * 255).round().astype("uint8", order="C"))
         elapsed = (time.perf_counter() - start) * 1000
         parts = images.split([int(r.latents.shape[0]) for r in requests])
         return [DecodeResponse(images=part, decode_ms=elapsed) for part in parts]
