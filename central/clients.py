@@ -52,9 +52,11 @@ R = TypeVar("R", bound=WireModel)
 
 # A stage's own 4xx that says something about the user's request; relayed to the caller unchanged.
 RELAYED_STATUSES = {413, 422, 429}
-# Idle pooled connections are dropped after this long: below uvicorn's 5 s keep-alive, so central does not
-# reuse a connection the stage is closing at that moment (the race showed up as a 503 under load).
-KEEPALIVE_S = 3.0
+# Idle pooled connections are dropped after this long: below the services' own keep-alive
+# (shared.observability.KEEP_ALIVE_S, 75 s), so central does not reuse a connection the stage is closing at
+# that moment (with uvicorn's default 5 s the race showed up as a 503 under load). It is long enough that a
+# connection outlives a whole generation: reconnecting for each hop cost ~1 ms per hop in the benchmark.
+KEEPALIVE_S = 60.0
 
 
 class Transport(Protocol):

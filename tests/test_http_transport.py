@@ -210,3 +210,12 @@ def test_an_oversized_answer_is_refused_as_bad_gateway(chunked: bool) -> None:
             await t.aclose()
 
     run(go())
+
+
+def test_central_drops_idle_connections_before_the_stages_do() -> None:
+    """Otherwise central reuses connections the stage is closing (the keep-alive race above, on every
+    request that follows a pause longer than the stage's keep-alive)."""
+    from central.clients import KEEPALIVE_S
+    from shared.observability import KEEP_ALIVE_S
+
+    assert 0 < KEEPALIVE_S < KEEP_ALIVE_S
