@@ -57,6 +57,8 @@ RELAYED_STATUSES = {413, 422, 429}
 # that moment (with uvicorn's default 5 s the race showed up as a 503 under load). It is long enough that a
 # connection outlives a whole generation: reconnecting for each hop cost ~1 ms per hop in the benchmark.
 KEEPALIVE_S = 60.0
+# A connection the stage closes this soon after the request was sent is retried once (see _aiohttp_exchange).
+RETRY_WINDOW_S = 1.0
 
 
 class Transport(Protocol):
@@ -129,17 +131,23 @@ class HttpTransport:
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
     ) -> HttpReply:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(self._connect, timeout_s))
-        for attempt in (1, 2):
-            try:
-                async with self._client().request(method, url, data=body, headers=headers, timeout=timeout) as r:
-                    return HttpReply(r.status, {k.lower(): v for k, v in r.headers.items()}, await self._read(r))
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # The stage closed the connection before answering: most often a pooled keep-alive
-                # connection it had just timed out. Stage operations are pure functions of the message, so
-                # sending it again is safe; a second failure is a stage that is really gone.
-                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise
-        raise AssertionError("unreachable")
+        sent = time.perf_counter()
+        try:
+            return await self._request(method, url, body, headers, timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # The stage closed the connection before answering, at once: most often a pooled keep-alive
+            # connection it was closing just then. Stage operations are pure functions of their message, so
+            # sending it again is safe. Not when the connection could not be made at all, nor when the stage
+            # died after working on it for a while (it would only die again): those are 503 now.
+            if isinstance(exc, aiohttp.ClientConnectorError) or time.perf_counter() - sent > RETRY_WINDOW_S:
+                raise
+        return await self._request(method, url, body, headers, timeout)
+
+    async def _request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+    ) -> HttpReply:
+        async with self._client().request(method, url, data=body, headers=headers, timeout=timeout) as r:
+            return HttpReply(r.status, {k.lower(): v for k, v in r.headers.items()}, await self._read(r))
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         """The body, refused (502) as soon as it is known to exceed the wire limit."""

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from central import clients
 from central.clients import HttpTransport, TextEncoderClient
 from shared import wire
 from shared.errors import StageBadResponse, StageTimeout, StageUnavailable
@@ -152,6 +153,27 @@ def test_a_dropped_connection_is_retried_once_then_unavailable() -> None:
 
     run(go())
     assert stage.connections == 2, "one retry on a fresh connection, not more"
+
+
+def test_a_stage_that_dies_while_working_is_not_sent_the_request_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a connection closed at once is retried: a stage that crashed on a request would crash again."""
+    monkeypatch.setattr(clients, "RETRY_WINDOW_S", 0.1)
+
+    async def handler(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.3)  # works on it for a while, then the process dies
+
+    stage = RawStage(handler)
+
+    async def go() -> None:
+        async with stage as url:
+            t = transport(url)
+            with pytest.raises(StageUnavailable):
+                await TextEncoderClient(t).encode(REQUEST)
+            await t.aclose()
+
+    run(go())
+    assert stage.connections == 1
 
 
 def test_keep_alive_connection_closed_by_the_stage_is_retried_transparently() -> None:
