@@ -36,7 +36,7 @@ from shared.errors import (
 from shared.observability import install_observability
 from shared.protocol import Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest, Txt2ImgResponse
 from shared.settings import Settings, get_settings
-from shared.stage_app import read_body
+from shared.stage_app import read_body, unless_disconnected
 
 log = logging.getLogger("triptych.central")
 T = TypeVar("T", bound=BaseModel)
@@ -262,7 +262,11 @@ def build_app(
                     "ask for application/json to get several",
                     param="num_images",
                 )
-            gen = await orch.generate(req)
+            # A client that hangs up cancels its generation: the hop in progress is abandoned, and the stage
+            # working on it notices the closed connection and stops (the UNet before its next step).
+            gen = await unless_disconnected(request, orch.generate(req))
+            if gen is None:
+                return Response(status_code=499)
             return await render(gen, as_file or req.output_format, bool(as_file), start)
 
         endpoint.__name__ = model.__name__.removesuffix("Request").lower()

@@ -185,7 +185,7 @@ class UNetRuntime(StageRuntime):
         self.fingerprint = self.variants[BASE].fingerprint
         from diffusion_unet.batcher import ContinuousBatcher
 
-        self.batcher = ContinuousBatcher(self, max_batch_size=self.settings.max_batch_size)
+        self.batcher = self.own_batcher(ContinuousBatcher(self, max_batch_size=self.settings.max_batch_size))
 
     def _load_variant(self, name: str, source: str, unet: Any, scheduler_config: dict[str, Any]) -> UNetVariant:
         default = str(scheduler_config["_class_name"])
@@ -310,12 +310,6 @@ class UNetRuntime(StageRuntime):
                 )
 
     # ------------------------------------------------------------------ the loop
-    def close(self) -> None:
-        batcher = getattr(self, "batcher", None)
-        if batcher is not None:
-            batcher.close()
-        super().close()
-
     def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
         if op == "denoise" and self.settings.batching and self.ready:
             return self.batcher.submit(message, cancel)

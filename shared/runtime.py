@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -38,6 +38,13 @@ def cancel_token() -> threading.Event | None:
 
 
 log = logging.getLogger("triptych.runtime")
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+B = TypeVar("B", bound=_Closable)
 
 
 def _perform(work: Work, fn: Callable[[Any], Any], message: Any) -> None:
@@ -77,6 +84,7 @@ class StageRuntime:
         # on, that thread runs the stage's batcher loop and requests wait for it on threads of their own
         # (``_waiters``); with batching off, requests run on the model thread itself, one at a time.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-model")
+        self._batchers: list[_Closable] = []
         self._waiters = (
             ThreadPoolExecutor(max_workers=settings.max_queue + 1, thread_name_prefix=f"{self.stage}-request")
             if settings.batching
@@ -146,7 +154,14 @@ class StageRuntime:
             reason = f"model failed to load ({self._load_error})" if self._load_error else "model is loading"
             raise StageUnavailable(f"{self.stage} is not ready: {reason}", headers={"Retry-After": "5"})
 
+    def own_batcher(self, batcher: B) -> B:
+        """Register a batcher of this stage (its loop runs on the model thread): ``close()`` stops it."""
+        self._batchers.append(batcher)
+        return batcher
+
     def close(self) -> None:
+        for batcher in self._batchers:
+            batcher.close()
         if self._waiters is not None:
             self._waiters.shutdown(wait=False, cancel_futures=True)
         self._model_thread.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +25,7 @@ from shared.runtime import StageRuntime
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 log = logging.getLogger("triptych.stage")
 DISCONNECT_POLL_S = 0.25
 
@@ -76,6 +77,25 @@ class MsgpackResponse(Response):
         return wire.encode(content)
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` while checking every DISCONNECT_POLL_S that the caller is still connected. If it has gone
+    (a client hung up, central timed out), cancel the work and return None: a stage drops queued work and the
+    UNet batcher a running job before its next step; in central, cancelling closes the hop's connection, so
+    the stage working on it stops too."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                log.info("%s: caller disconnected; request abandoned", request.url.path)
+                return None
+    except asyncio.CancelledError:  # this request itself was cancelled (server shutting down)
+        task.cancel()
+        raise
+    return task.result()
+
+
 async def get_runtime(request: Request) -> StageRuntime:
     runtime: StageRuntime = request.app.state.runtime
     runtime.check_ready()
@@ -100,16 +120,10 @@ def message_route(
         runtime = await get_runtime(request)
         message = await read_message(request, request_model, request.app.state.limits)
         obs = request.app.state.observability  # measured: queue depth, wait and compute time, batch size
-        work = asyncio.ensure_future(obs.run_stage(runtime, op, message))
-        # A caller that goes away (central timed out, a client hung up) frees its slot: the UNet batcher drops
-        # the job before its next step.
-        while not work.done():
-            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if not work.done() and await request.is_disconnected():
-                work.cancel()
-                log.info("%s: caller disconnected; request abandoned", path)
-                return Response(status_code=499)
-        return MsgpackResponse(work.result().to_wire())
+        result = await unless_disconnected(request, obs.run_stage(runtime, op, message))
+        if result is None:
+            return Response(status_code=499)
+        return MsgpackResponse(result.to_wire())
 
     endpoint.__name__ = path.strip("/").replace("/", "_").replace("-", "_")
     router.add_api_route(

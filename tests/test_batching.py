@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,33 +167,65 @@ def test_full_queue_answers_429_with_retry_after(settings, unet_runtime, embeds)
         unet_runtime.settings = original
 
 
-def test_a_caller_that_hangs_up_frees_its_batch_slot(settings, unet_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
-    """Over real HTTP: closing the connection mid-request cancels the job within a step or so."""
-    import socket
-
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[int]:
+    """``app`` under a real uvicorn server in a thread; yields its port."""
     import uvicorn
 
     from tests.conftest import free_port_block
 
     port = free_port_block(1)
-    server = uvicorn.Server(uvicorn.Config(unet_app(settings, unet_runtime), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started)
     try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def post_then_hang_up(port: int, path: str, body: bytes, content_type: str, until: Callable[[], bool]) -> None:
+    """Send one request over a raw socket and close the connection once ``until()`` holds."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(until)
+
+
+def test_a_caller_that_hangs_up_frees_its_batch_slot(settings, unet_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
+    """Over real HTTP: closing the connection mid-request cancels the job within a step or so."""
+    with serving(unet_app(settings, unet_runtime)) as port:
         body = wire.encode(request(embeds, steps=900, seed=1).to_wire())
         forwards_before = unet_runtime.batcher.forwards
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            head = f"POST /v1/denoise HTTP/1.1\r\nHost: x\r\nContent-Type: {wire.CONTENT_TYPE}\r\n"
-            sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            wait_until(lambda: unet_runtime.batcher.active_images > 0)
+        post_then_hang_up(port, "/v1/denoise", body, wire.CONTENT_TYPE, lambda: unet_runtime.batcher.active_images > 0)
         # Socket closed: the stage notices, cancels, and the batch empties long before 900 steps.
         wait_until(lambda: unet_runtime.batcher.active_images == 0, timeout_s=60)
         assert unet_runtime.batcher.forwards - forwards_before < 900
         wait_until(lambda: unet_runtime.in_flight == 0)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+def test_a_client_that_hangs_up_on_central_stops_the_denoise(settings, te_runtime, unet_runtime, vae_runtime) -> None:  # type: ignore[no-untyped-def]
+    """The user closes the connection to central mid-generation: central abandons the request and the UNet
+    drops the job before its next step, instead of computing an image nobody will receive."""
+    from central.app import build_app as central_app
+    from central.clients import LocalTransport, TextEncoderClient, UNetClient, VaeClient
+    from central.pipeline import Orchestrator
+
+    orchestrator = Orchestrator(
+        TextEncoderClient(LocalTransport(te_runtime)),
+        UNetClient(LocalTransport(unet_runtime)),
+        VaeClient(LocalTransport(vae_runtime)),
+        settings,
+    )
+    with serving(central_app(settings, orchestrator=orchestrator)) as port:
+        body = json.dumps({"prompt": "a fox", "num_inference_steps": 450, "seed": 1}).encode()
+        forwards_before = unet_runtime.batcher.forwards
+        post_then_hang_up(port, "/v1/txt2img", body, "application/json", lambda: unet_runtime.batcher.active_images > 0)
+        wait_until(lambda: unet_runtime.batcher.active_images == 0, timeout_s=60)
+        assert unet_runtime.batcher.forwards - forwards_before < 450
+        wait_until(lambda: unet_runtime.in_flight == 0)
 
 
 # ------------------------------------------------------------------------------------------- embedding cache

@@ -69,13 +69,15 @@ class TextEncoderRuntime(StageRuntime):
 
     def _load(self, model: str) -> None:
         self.cache = EmbeddingCache(self.settings.embedding_cache_bytes)
-        self.batcher = MicroBatcher(
-            "text-encode",
-            self._encode_many,
-            key=lambda r: None,  # all prompts are padded to the same length: any requests can share
-            size=lambda r: len(r.prompt),
-            max_items=self.settings.max_batch_size,
-            start=self.start_model_loop,
+        self.batcher = self.own_batcher(
+            MicroBatcher(
+                "text-encode",
+                self._encode_many,
+                key=lambda r: None,  # all prompts are padded to the same length: any requests can share
+                size=lambda r: len(r.prompt),
+                max_items=self.settings.max_batch_size,
+                start=self.start_model_loop,
+            )
         )
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -86,12 +88,6 @@ class TextEncoderRuntime(StageRuntime):
 
     def _warm_up(self) -> None:
         self.encode(EncodeRequest(prompt=["warm up"]))
-
-    def close(self) -> None:
-        batcher = getattr(self, "batcher", None)
-        if batcher is not None:
-            batcher.close()
-        super().close()
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         c = self.cache

@@ -34,13 +34,15 @@ class VaeRuntime(StageRuntime):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Decodes run on the batcher's thread, image encodes on request threads: one at a time on the VAE.
         self._model_lock = threading.Lock()
-        self.decode_batcher = MicroBatcher(
-            "vae-decode",
-            self._decode_many,
-            key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
-            size=lambda r: int(r.latents.shape[0]),
-            max_items=self.settings.max_batch_size,
-            start=self.start_model_loop,
+        self.decode_batcher = self.own_batcher(
+            MicroBatcher(
+                "vae-decode",
+                self._decode_many,
+                key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
+                size=lambda r: int(r.latents.shape[0]),
+                max_items=self.settings.max_batch_size,
+                start=self.start_model_loop,
+            )
         )
 
     def _warm_up(self) -> None:
@@ -138,12 +140,6 @@ class VaeRuntime(StageRuntime):
             means.append(dist.mean.contiguous())
             stds.append(dist.std.contiguous())
         return torch.cat(means), torch.cat(stds)
-
-    def close(self) -> None:
-        batcher = getattr(self, "decode_batcher", None)
-        if batcher is not None:
-            batcher.close()
-        super().close()
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         b = self.decode_batcher
