@@ -6,7 +6,9 @@ from typing import Any
 
 import httpx
 
-from central.clients import Exchange, HttpReply
+from central.clients import Exchange, HttpReply, LocalTransport, TextEncoderClient, UNetClient, VaeClient
+from central.pipeline import Orchestrator
+from shared.settings import Settings
 
 ENVELOPE_KEYS = {"type", "message", "param"}
 LEAKS = ("Traceback", "/work/", "site-packages", 'File "', '.py", line')
@@ -49,3 +51,13 @@ def asgi_exchange(app: Any) -> Exchange:
         return HttpReply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
 
     return exchange
+
+
+def local_orchestrator(settings: Settings, te: Any, unet: Any, vae: Any) -> Orchestrator:
+    """Central's orchestrator with all three stages in this process (runtimes the caller owns)."""
+    return Orchestrator(
+        TextEncoderClient(LocalTransport(te)),
+        UNetClient(LocalTransport(unet)),
+        VaeClient(LocalTransport(vae)),
+        settings,
+    )

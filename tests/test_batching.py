@@ -210,15 +210,9 @@ def test_a_client_that_hangs_up_on_central_stops_the_denoise(settings, te_runtim
     """The user closes the connection to central mid-generation: central abandons the request and the UNet
     drops the job before its next step, instead of computing an image nobody will receive."""
     from central.app import build_app as central_app
-    from central.clients import LocalTransport, TextEncoderClient, UNetClient, VaeClient
-    from central.pipeline import Orchestrator
+    from tests.helpers import local_orchestrator
 
-    orchestrator = Orchestrator(
-        TextEncoderClient(LocalTransport(te_runtime)),
-        UNetClient(LocalTransport(unet_runtime)),
-        VaeClient(LocalTransport(vae_runtime)),
-        settings,
-    )
+    orchestrator = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
     with serving(central_app(settings, orchestrator=orchestrator)) as port:
         body = json.dumps({"prompt": "a fox", "num_inference_steps": 450, "seed": 1}).encode()
         forwards_before = unet_runtime.batcher.forwards

@@ -14,11 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from central.app import build_app
-from central.clients import LocalTransport, TextEncoderClient, UNetClient, VaeClient
-from central.pipeline import Orchestrator, outpaint_canvas
+from central.pipeline import outpaint_canvas
 from diffusion_unet.runtime import UNetRuntime
 from shared.models import create_tiny
 from shared.settings import Settings
+from tests.helpers import local_orchestrator
 
 
 def png_b64(image: PIL.Image.Image) -> str:
@@ -75,13 +75,7 @@ def unet_with_variant(settings: Settings, inpaint_model: Path):  # type: ignore[
 
 
 def _client(settings, te, unet, vae) -> TestClient:  # type: ignore[no-untyped-def]
-    orch = Orchestrator(
-        TextEncoderClient(LocalTransport(te)),
-        UNetClient(LocalTransport(unet)),
-        VaeClient(LocalTransport(vae)),
-        settings,
-    )
-    return TestClient(build_app(settings, orchestrator=orch))
+    return TestClient(build_app(settings, orchestrator=local_orchestrator(settings, te, unet, vae)))
 
 
 @pytest.fixture(scope="module")

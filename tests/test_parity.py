@@ -13,10 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from central.app import build_app
-from central.clients import LocalTransport, TextEncoderClient, UNetClient, VaeClient
-from central.pipeline import Orchestrator
 from shared.protocol import DecodeRequest, DenoiseRequest, EncodeRequest
 from tests.conftest import reference_images
+from tests.helpers import local_orchestrator
 
 # (prompt, negative_prompt, seed, num_images, guidance_scale, steps, scheduler)
 CASES = [
@@ -44,12 +43,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def central_local(settings, te_runtime, unet_runtime, vae_runtime):  # type: ignore[no-untyped-def]
-    orchestrator = Orchestrator(
-        TextEncoderClient(LocalTransport(te_runtime)),
-        UNetClient(LocalTransport(unet_runtime)),
-        VaeClient(LocalTransport(vae_runtime)),
-        settings,
-    )
+    orchestrator = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
     with TestClient(build_app(settings, orchestrator=orchestrator)) as client:
         yield client
 
