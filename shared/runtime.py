@@ -79,10 +79,11 @@ class StageRuntime:
         self._load_error: str | None = None
         # Requests admitted (queued or computing); past settings.max_queue new ones get 429.
         self._in_flight = 0
-        # One thread loads, warms up and runs every torch call: torch's OpenMP keeps a worker pool per calling
+        # One thread loads, warms up and runs the torch calls: torch's OpenMP keeps a worker pool per calling
         # thread; with a second pool the UNet took 308-322 ms a step vs 223-283 (benchmarks.md). With batching
-        # on, that thread runs the stage's batcher loop and requests wait for it on threads of their own
-        # (``_waiters``); with batching off, requests run on the model thread itself, one at a time.
+        # on, that thread runs the stage's batcher loops, which batched operations are handed to straight from
+        # the event loop; operations without a batcher (the VAE's encode_image) run on ``_waiters`` under the
+        # stage's model lock. With batching off, every request runs on the model thread, one at a time.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-model")
         self._batchers: list[_Closable] = []
         self._waiters = (
