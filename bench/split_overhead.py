@@ -489,20 +489,25 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | {fmt(st['median'], unit)} | {fmt(st['p90'], unit)} | {unit} |")
     if not results["wire"]:
         return "\n".join(lines)
-    lines += [
-        "",
-        "Wire codec (`shared.wire.encode` + `decode` of a one-tensor message, median of 5 timed loops):",
+    lines += ["", "Wire codec (`shared.wire.encode` + `decode` of a one-tensor message, median of 5 timed loops):"]
+    lines += wire_table(results["wire"])
+    return "\n".join(lines)
+
+
+def wire_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``bench_wire``'s rows as markdown lines (a blank line first)."""
+    lines = [
         "",
         "| payload | shape | dtype | bytes | encode µs | decode µs | encode+decode µs | GB/s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for w in results["wire"]:
+    for w in rows:
         shape = "×".join(str(d) for d in w["shape"])
         lines.append(
             f"| {w['payload']} | {shape} | {w['dtype']} | {w['bytes']:,} | {w['encode_us']:.1f} | "
             f"{w['decode_us']:.1f} | {w['roundtrip_us']:.1f} | {w['gb_per_s']:.2f} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def targets(results: dict[str, Any]) -> list[str]:

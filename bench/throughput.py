@@ -57,6 +57,7 @@ from bench.split_overhead import (
     machine_info,
     percentile,
     stop,
+    wire_table,
 )
 
 PROMPT = "a watercolor painting of a red fox in the snow"
@@ -665,19 +666,8 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{h['failures']} |"
             )
     if res["wire"]:
-        L += [
-            "",
-            "### Wire codec (`shared.wire.encode` + `decode`, one-tensor message, median of 5 timed loops)",
-            "",
-            "| payload | shape | dtype | bytes | encode µs | decode µs | encode+decode µs | GB/s |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for w in res["wire"]:
-            shape = "×".join(str(x) for x in w["shape"])
-            L.append(
-                f"| {w['payload']} | {shape} | {w['dtype']} | {w['bytes']:,} | {w['encode_us']:.1f} | "
-                f"{w['decode_us']:.1f} | {w['roundtrip_us']:.1f} | {w['gb_per_s']:.2f} |"
-            )
+        L += ["", "### Wire codec (`shared.wire.encode` + `decode`, one-tensor message, median of 5 timed loops)"]
+        L += wire_table(res["wire"])
     L += ["", "### Targets (issue 5)", ""]
     L += [f"- {t}" for t in res["targets"]]
     return "\n".join(L)
