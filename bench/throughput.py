@@ -57,6 +57,7 @@ from bench.split_overhead import (
     machine_info,
     percentile,
     stop,
+    wait_ready,
     wire_table,
 )
 
@@ -229,21 +230,6 @@ def started(name: str, cmd: list[str], env: dict[str, str], base: int, log_path:
     finally:
         stop(proc)
         log_file.close()
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    tail = log_path.read_text(errors="replace")[-4000:]
-    raise RuntimeError(f"{url} not ready after {time.monotonic() - start:.0f} s; log tail:\n{tail}")
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -841,9 +827,9 @@ def main(argv: list[str] | None = None) -> int:
         unet_iters = len(probe.timesteps)
         ready: dict[str, float] = {}
         for name, s in servers.items():
-            ready[name] = wait_ready(s.url, s.proc, args.ready_timeout, s.log_path)
+            ready[name] = wait_ready(s.url, args.ready_timeout, s.log_path, s.proc)
         for label, s in te_servers.items():
-            ready[label] = wait_ready(s.url, s.proc, args.ready_timeout, s.log_path)
+            ready[label] = wait_ready(s.url, args.ready_timeout, s.log_path, s.proc)
         log(f"all ready ({', '.join(f'{k} {v:.0f} s' for k, v in ready.items())})")
 
         # ---- text-encoder cache first, while everything else is idle

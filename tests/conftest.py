@@ -114,6 +114,14 @@ def free_port_block(n: int = 4) -> int:
     raise RuntimeError("no free block of ports")
 
 
+def spawn_triptych(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m central.cli *args`` from the repository, stdout and stderr into ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "central.cli", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -138,14 +146,7 @@ def served_all(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     env.update(
         TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DTYPE="float32", TRIPTYCH_LOG_LEVEL="WARNING"
     )
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "central.cli", "serve", "all", "--host", "127.0.0.1", "--port", str(base)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_triptych(["serve", "all", "--host", "127.0.0.1", "--port", str(base)], env, log_path)
     url = f"http://127.0.0.1:{base}"
     try:
         wait_ready(url, proc)

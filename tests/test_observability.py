@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from central.pipeline import Orchestrator
 from shared import __version__, wire
 from shared.observability import JsonFormatter, Lifecycle, access_log, context_from_headers, parse_traceparent
 from shared.settings import Settings
-from tests.conftest import REPO, free_port_block
+from tests.conftest import free_port_block, spawn_triptych
 from tests.helpers import asgi_exchange
 
 GOOD: dict[str, Any] = {"prompt": "a lighthouse at dusk", "seed": 3, "num_inference_steps": 2}
@@ -309,14 +308,7 @@ def test_request_id_in_the_logs_of_all_four_processes(tiny_model: Path, tmp_path
     base = free_port_block()
     log = tmp_path / "serve-all.log"
     env = clean_env(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_LOG_LEVEL="INFO")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "central.cli", "serve", "all", "--host", "127.0.0.1", "--port", str(base)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_triptych(["serve", "all", "--host", "127.0.0.1", "--port", str(base)], env, log)
     url = f"http://127.0.0.1:{base}"
     try:
         wait_for(lambda: proc.poll() is None and is_ready(url), 180, "serve all to be ready", log)
@@ -389,14 +381,7 @@ def test_sigterm_drains_central(tiny_model: Path, tmp_path: Path) -> None:
     port = free_port_block(1)
     log = tmp_path / "central.log"
     env = clean_env(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DRAIN_TIMEOUT_S="300")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "central.cli", "serve", "central", "--embedded", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_triptych(["serve", "central", "--embedded", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: proc.poll() is None and is_ready(url), 120, "central to be ready", log)
@@ -419,14 +404,7 @@ def test_sigterm_drains_a_stage(tiny_model: Path, tmp_path: Path) -> None:
     port = free_port_block(1)
     log = tmp_path / "unet.log"
     env = clean_env(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DRAIN_TIMEOUT_S="300")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "central.cli", "serve", "diffusion-unet", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_triptych(["serve", "diffusion-unet", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
     embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
 
