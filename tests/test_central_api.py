@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgpack
@@ -356,8 +357,7 @@ class StageDouble:
     async def __call__(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
     ) -> HttpReply:
-        path = url.split("://", 1)[-1].partition("/")[2]
-        path = "/" + path
+        path = urlsplit(url).path
         self.calls.append(path)
         if path == "/v1/info":
             if self.info_failure is not None:
