@@ -6,7 +6,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -20,7 +20,16 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from central.clients import HttpTransport, LocalTransport, TextEncoderClient, Transport, UNetClient, VaeClient
+from central.clients import (
+    HopObserver,
+    HttpTransport,
+    LocalStage,
+    LocalTransport,
+    TextEncoderClient,
+    Transport,
+    UNetClient,
+    VaeClient,
+)
 from central.images import read_form
 from central.pipeline import Generation, Orchestrator
 from shared import __version__
@@ -33,10 +42,10 @@ from shared.errors import (
     install_error_handlers,
     validation_error,
 )
-from shared.observability import install_observability
 from shared.protocol import Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest, Txt2ImgResponse
+from shared.serving.http import read_body, unless_disconnected
+from shared.serving.middleware import install_observability
 from shared.settings import Settings, get_settings
-from shared.stage_app import read_body, unless_disconnected
 
 log = logging.getLogger("triptych.central")
 T = TypeVar("T", bound=BaseModel)
@@ -46,29 +55,20 @@ FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 
 
 def http_orchestrator(settings: Settings) -> Orchestrator:
-    """Clients for three stage services at the configured URLs, each hop with its own timeout."""
-
-    def transport(stage: str, url: str, ops: dict[str, float]) -> HttpTransport:
-        return HttpTransport(
-            stage,
-            url,
-            op_timeouts_s=ops,
-            connect_timeout_s=settings.connect_timeout_s,
-            info_timeout_s=settings.info_timeout_s,
-        )
-
+    """Clients for three stage services at the configured URLs, each hop with its operation's timeout."""
     return Orchestrator(
-        TextEncoderClient(transport("text_encoder", settings.text_encoder_url, {"encode": settings.encode_timeout_s})),
-        UNetClient(transport("diffusion_unet", settings.diffusion_unet_url, {"denoise": settings.denoise_timeout_s})),
-        VaeClient(
-            transport(
-                "vae_decoder",
-                settings.vae_decoder_url,
-                {"decode": settings.decode_timeout_s, "encode_image": settings.decode_timeout_s},
-            )
-        ),
+        TextEncoderClient(HttpTransport("text_encoder", settings.text_encoder_url, settings)),
+        UNetClient(HttpTransport("diffusion_unet", settings.diffusion_unet_url, settings)),
+        VaeClient(HttpTransport("vae_decoder", settings.vae_decoder_url, settings)),
         settings,
     )
+
+
+def observe_hops(orchestrator: Orchestrator, observer: HopObserver) -> None:
+    """Record every HTTP hop of ``orchestrator`` that nobody records yet with ``observer``."""
+    for client in (orchestrator.text_encoder, orchestrator.unet, orchestrator.vae):
+        if isinstance(client.transport, HttpTransport) and client.transport.on_hop is None:
+            client.transport.on_hop = observer
 
 
 def mixed_orchestrator(settings: Settings, local: set[str]) -> Orchestrator:
@@ -86,9 +86,14 @@ def mixed_orchestrator(settings: Settings, local: set[str]) -> Orchestrator:
         "denoise": remote.unet.transport,
         "decode": remote.vae.transport,
     }
-    for op, cls in (("encode", TextEncoderRuntime), ("denoise", UNetRuntime), ("decode", VaeRuntime)):
+    runtimes: dict[str, Callable[[Settings], LocalStage]] = {
+        "encode": TextEncoderRuntime,
+        "denoise": UNetRuntime,
+        "decode": VaeRuntime,
+    }
+    for op, cls in runtimes.items():
         if op in local:
-            transports[op] = LocalTransport(cls(settings), owned=True)  # type: ignore[abstract]
+            transports[op] = LocalTransport(cls(settings), owned=True)
     return Orchestrator(
         TextEncoderClient(transports["encode"]),
         UNetClient(transports["denoise"]),
@@ -197,6 +202,7 @@ def build_app(
                 orch = mixed_orchestrator(settings, {"encode", "denoise", "decode"})
             else:
                 orch = http_orchestrator(settings)
+        observe_hops(orch, app.state.metrics.observe_hop)
         app.state.orchestrator = orch
         await load_local_runtimes(orch)
         try:
@@ -204,7 +210,7 @@ def build_app(
             log.info("stages are reachable and compatible")
         except TriptychError as exc:
             # Stages may start after central; /readyz keeps reporting until they agree.
-            log.warning("stages not ready at start-up: %s", exc.message)
+            log.info("waiting for the stages: %s", exc.message)
         try:
             yield
         finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -14,48 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
+from shared.serving.launcher import SettingsError, add_settings_flags, apply_flags, run_service
 from shared.settings import DEFAULT_PORTS, Settings
 
 SERVICES = ("central", "text-encoder", "diffusion-unet", "vae-decoder")
 LOCAL_STAGES = ("encode", "denoise", "decode")
 
-# Every Settings field is a flag too: --text-encoder-url <-> TRIPTYCH_TEXT_ENCODER_URL, and so on.
-FLAG_ENV = {name: f"TRIPTYCH_{name.upper()}" for name in Settings.model_fields}
-
-
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("settings (each also read from its TRIPTYCH_* environment variable)")
-    for name, field in Settings.model_fields.items():
-        default = "unset" if field.default is None else field.default
-        help_text = f"{field.description + ' ' if field.description else ''}({FLAG_ENV[name]}; default {default})"
-        group.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text.replace("%", "%%"))
-
-
-class SettingsError(Exception):
-    """A setting (flag or environment variable) has an invalid value."""
-
-
-def _apply_flags(args: argparse.Namespace) -> Settings:
-    """Flags win over the environment; the result is exported so child processes see the same values."""
-    for flag, env in FLAG_ENV.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            os.environ[env] = str(value)
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = str(first["loc"][0]) if first.get("loc") else "?"
-        raise SettingsError(
-            f"invalid setting --{name.replace('_', '-')} / {FLAG_ENV.get(name, name)}: {first['msg']}"
-        ) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return settings
+log = logging.getLogger("triptych.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, help="default: 8000 central, 8001-8003 the stages; for `all` the base")
     serve.add_argument("--embedded", action="store_true", help="central only: run the stages in-process")
-    _add_settings_flags(serve)
+    add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="text to image from the command line")
@@ -88,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for central")
-    _add_settings_flags(gen)
+    add_settings_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="model utilities")
@@ -99,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--preset",
         default="tiny",
-        choices=["tiny", "sd15"],
-        help="tiny: 64px, for tests; sd15: SD-1.5-sized payloads (768-wide text, 512px)",
+        choices=["tiny", "sd15", "diffusers-tiny"],
+        help="tiny: 64px, for tests; sd15: SD-1.5-sized payloads (768-wide text, 512px); diffusers-tiny: the "
+        "sizes of diffusers' own pipeline tests (a VAE that downsamples by 2)",
     )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_create_tiny)
@@ -126,43 +91,16 @@ def build_service_app(service: str, settings: Settings, *, embedded: bool = Fals
     return vae_app(settings)
 
 
-def tune_allocator(threshold_bytes: int) -> bool:
-    """Serve big transient buffers (request and reply bodies, msgpack, base64, PNG) from the heap.
-
-    glibc hands out blocks above its mmap threshold (128 KiB, raised only as big blocks are freed) as fresh
-    mappings, and every page of a fresh mapping faults on first touch: on the benchmark VM that made packing
-    one 786 KB image reply take 1.5 ms instead of 0.12. A fixed threshold (and a trim threshold above it,
-    so the heap top is not returned and re-faulted on every request) keeps those pages mapped. Returns whether
-    it applied (glibc only; elsewhere it is a no-op)."""
-    if threshold_bytes <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, for one)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(
-        libc.mallopt(m_trim_threshold, 2 * threshold_bytes)
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _apply_flags(args)
+    service = args.service.replace("-", "_")
+    settings = apply_flags(args, service="triptych" if service == "all" else service)
     if args.service == "all":
         return serve_all(settings, args.host, args.port or DEFAULT_PORTS["central"])
     if args.embedded and args.service != "central":
         print("--embedded applies to `serve central` only", file=sys.stderr)
         return 2
-    from shared.observability import serve
-
-    if tune_allocator(settings.malloc_mmap_threshold_bytes):
-        logging.getLogger("triptych.cli").debug("malloc mmap threshold: %d bytes", settings.malloc_mmap_threshold_bytes)
-
-    port = args.port or DEFAULT_PORTS[args.service.replace("-", "_")]
     app = build_service_app(args.service, settings, embedded=args.embedded)
-    # SIGTERM/SIGINT: /readyz and new work get 503, in-flight requests finish (up to the drain timeout), exit 0.
-    serve(app, host=args.host, port=port, log_level=settings.log_level)
-    return 0
+    return run_service(service, app, settings, host=args.host, port=args.port)
 
 
 def serve_all(settings: Settings, host: str, base_port: int) -> int:
@@ -171,7 +109,7 @@ def serve_all(settings: Settings, host: str, base_port: int) -> int:
     If one exits, the others are stopped and its name and exit code are printed. Ctrl-C (or SIGTERM) stops
     all four gracefully: central first, so that the requests it is finishing can still reach the stages.
     """
-    from shared.models import resolve_model
+    from shared.serving.models import resolve_model
 
     # Make the default model once here, so the four processes do not each wait on the lock.
     resolve_model(settings)
@@ -182,7 +120,8 @@ def serve_all(settings: Settings, host: str, base_port: int) -> int:
     env["TRIPTYCH_VAE_DECODER_URL"] = f"http://{host}:{ports['vae-decoder']}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     for name in reversed(SERVICES):  # stages first, central last
-        cmd = [sys.executable, "-m", "central.cli", "serve", name, "--host", host, "--port", str(ports[name])]
+        module = "central" if name == "central" else name.replace("-", "_")
+        cmd = [sys.executable, "-m", module, "--host", host, "--port", str(ports[name])]
         # Own process group: a terminal's Ctrl-C reaches only this supervisor, which stops them in order.
         procs[name] = subprocess.Popen(cmd, env=env, process_group=0)
 
@@ -256,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shared.errors import TriptychError
     from shared.protocol import Txt2ImgRequest
 
-    settings = _apply_flags(args)
+    settings = apply_flags(args)
     fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(args.output.suffix.lower(), "png")
     request = Txt2ImgRequest(
         prompt=args.prompt,
@@ -325,7 +264,7 @@ async def _generate_mixed(settings: Settings, request: Any, local: set[str]) -> 
 
 # ---------------------------------------------------------------------------------------------- models
 def cmd_create_tiny(args: argparse.Namespace) -> int:
-    from shared.models import create_tiny
+    from shared.serving.models import create_tiny
 
     path = create_tiny(args.path, preset=args.preset, inpainting=args.inpainting, seed=args.seed)
     print(f"wrote a random-weight {args.preset} model to {path}")

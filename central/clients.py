@@ -6,7 +6,10 @@ wraps a ``Transport``:
 * ``HttpTransport`` POSTs msgpack to a stage service with an explicit timeout per hop. Whatever goes wrong
   on the way becomes one of our errors: connection refused -> 503 ``StageUnavailable``, hop too slow -> 504
   ``StageTimeout``, garbage or a 5xx -> 502 ``StageBadResponse``; a stage's 413/422/429 is relayed as is.
-* ``LocalTransport`` calls a ``StageRuntime`` in this process on the runtime's own torch thread.
+* ``LocalTransport`` calls a stage runtime in this process (on the runtime's own model thread).
+
+Every call names its operation (``shared.operations``): the path and the timeout come from there. This module
+depends on the contract only (wire, protocol, operations, errors, tracing), never on a stage server.
 
 HTTP goes through aiohttp rather than httpx: on the 2-core machine of docs/benchmarks.md an httpx round trip
 cost 1.7 ms with an empty body and 4.5 ms with a 473 KB reply (SD-1.5's embeddings) against 0.7 ms for
@@ -32,7 +35,7 @@ from shared.errors import (
     TriptychError,
     UpstreamClientError,
 )
-from shared.observability import observe_hop, outgoing_headers
+from shared.operations import DECODE, DENOISE, ENCODE, ENCODE_IMAGE, Operation, StageName
 from shared.protocol import (
     DecodeRequest,
     DecodeResponse,
@@ -43,17 +46,20 @@ from shared.protocol import (
     EncodeRequest,
     EncodeResponse,
     StageInfo,
+    StageRequest,
     WireModel,
+    parse_message,
 )
-from shared.runtime import StageRuntime
-from shared.stage_app import parse_message
+from shared.settings import Settings
+from shared.tracing import outgoing_headers
 
-R = TypeVar("R", bound=WireModel)
+Req = TypeVar("Req", bound=StageRequest)
+Resp = TypeVar("Resp", bound=WireModel)
 
 # A stage's own 4xx that says something about the user's request; relayed to the caller unchanged.
 RELAYED_STATUSES = {413, 422, 429}
 # Idle pooled connections are dropped after this long: below the services' own keep-alive
-# (shared.observability.KEEP_ALIVE_S, 75 s), so central does not reuse a connection the stage is closing at
+# (shared.serving.server.KEEP_ALIVE_S, 75 s), so central does not reuse a connection the stage is closing at
 # that moment (with uvicorn's default 5 s the race showed up as a 503 under load). It is long enough that a
 # connection outlives a whole generation: reconnecting for each hop cost ~1 ms per hop in the benchmark.
 KEEPALIVE_S = 60.0
@@ -64,9 +70,10 @@ RETRY_WINDOW_S = 1.0
 class Transport(Protocol):
     """How a client reaches one stage."""
 
-    stage: str
+    @property
+    def stage(self) -> str: ...
 
-    async def call(self, op: str, request: WireModel, response_type: type[R]) -> R: ...
+    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp: ...
 
     async def info(self) -> StageInfo: ...
 
@@ -88,29 +95,32 @@ class HttpReply:
 
 # (method, url, body, headers, timeout_s) -> reply. aiohttp by default; tests pass a stage app double.
 Exchange = Callable[[str, str, bytes | None, dict[str, str], float], Awaitable[HttpReply]]
+# (stage, op, status or "timeout" / "unreachable" / "bad_response", seconds): central's hop metric.
+HopObserver = Callable[[str, str, int | str, float], None]
 
 
 class HttpTransport:
-    """A stage service over HTTP: one pooled aiohttp session per stage, a timeout per operation."""
+    """A stage service over HTTP: one pooled aiohttp session per stage, each operation with the timeout its
+    declaration names (``Operation.timeout`` of ``settings``)."""
 
     def __init__(
         self,
-        stage: str,
+        stage: StageName,
         base_url: str,
+        settings: Settings,
         *,
-        op_timeouts_s: dict[str, float],
-        connect_timeout_s: float = 5.0,
-        info_timeout_s: float = 5.0,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         exchange: Exchange | None = None,
+        on_hop: HopObserver | None = None,
     ) -> None:
         self.stage = stage
         self.base_url = base_url.rstrip("/")
-        self._op_timeouts = op_timeouts_s
-        self._connect = connect_timeout_s
-        self._info_timeout = info_timeout_s
+        self._settings = settings
+        self._connect = settings.connect_timeout_s
+        self._info_timeout = settings.info_timeout_s
         self._limits = limits
         self._exchange: Exchange = exchange or self._aiohttp_exchange
+        self.on_hop = on_hop
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
@@ -166,11 +176,10 @@ class HttpTransport:
         return b"".join(chunks)
 
     # ------------------------------------------------------------------ one hop
-    async def _send(self, method: str, path: str, timeout_s: float, body: bytes | None = None) -> HttpReply:
+    async def _send(self, op: str, method: str, path: str, timeout_s: float, body: bytes | None = None) -> HttpReply:
         headers = {"accept": wire.CONTENT_TYPE if body is not None else "application/json", **outgoing_headers()}
         if body is not None:
             headers["content-type"] = wire.CONTENT_TYPE
-        op = path.rsplit("/", 1)[-1]
         start = time.perf_counter()
         status: int | str = "unreachable"
         try:
@@ -188,7 +197,8 @@ class HttpTransport:
         except aiohttp.ClientError as exc:
             raise StageUnavailable(f"{self.stage} at {self.base_url} is unreachable ({type(exc).__name__})") from None
         finally:
-            observe_hop(self.stage, op, status, time.perf_counter() - start)
+            if self.on_hop is not None:
+                self.on_hop(self.stage, op, status, time.perf_counter() - start)
 
     def _raise_for_status(self, reply: HttpReply, path: str) -> None:
         status = reply.status
@@ -214,20 +224,19 @@ class HttpTransport:
             raise StageTimeout(f"{self.stage} timed out: {message}")
         raise StageBadResponse(f"{self.stage} answered {path} with HTTP {status}: {message}")
 
-    async def call(self, op: str, request: WireModel, response_type: type[R]) -> R:
-        path = "/v1/" + op.replace("_", "-")  # runtime method encode_image <-> route /v1/encode-image
-        timeout_s = self._op_timeouts.get(op, max(self._op_timeouts.values(), default=60.0))
-        reply = await self._send("POST", path, timeout_s, wire.encode(request.to_wire()))
+    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp:
+        path = op.path
+        reply = await self._send(op.name, "POST", path, op.timeout(self._settings), wire.encode(request.to_wire()))
         self._raise_for_status(reply, path)
         if reply.media_type != wire.CONTENT_TYPE:
             raise StageBadResponse(f"{self.stage} answered {path} with a non-msgpack body")
         try:
-            return parse_message(reply.body, response_type, self._limits)
+            return parse_message(reply.body, op.response, self._limits)
         except TriptychError as exc:
             raise StageBadResponse(f"{self.stage} answered {path} with an invalid message: {exc.message}") from None
 
     async def info(self) -> StageInfo:
-        reply = await self._send("GET", "/v1/info", self._info_timeout)
+        reply = await self._send("info", "GET", "/v1/info", self._info_timeout)
         self._raise_for_status(reply, "/v1/info")
         try:
             return StageInfo.model_validate_json(reply.body)
@@ -240,19 +249,36 @@ class HttpTransport:
         self._session = None
 
 
+class LocalStage(Protocol):
+    """What ``LocalTransport`` needs of a stage runtime loaded in this process (``shared.serving.runtime``)."""
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def load_async(self) -> None: ...
+
+    async def call(self, op: Operation[Req, Resp], message: Req) -> Resp: ...
+
+    def info(self) -> StageInfo: ...
+
+    def close(self) -> None: ...
+
+
 class LocalTransport:
     """A stage runtime in this process: same messages, no serialisation, no network."""
 
-    def __init__(self, runtime: StageRuntime, *, owned: bool = False) -> None:
+    def __init__(self, runtime: LocalStage, *, owned: bool = False) -> None:
         self.runtime = runtime
         self.stage = runtime.stage
         self._owned = owned
 
-    async def call(self, op: str, request: WireModel, response_type: type[R]) -> R:
-        self.runtime.check_ready()
+    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp:
         result = await self.runtime.call(op, request)
-        if not isinstance(result, response_type):
-            raise StageBadResponse(f"{self.stage}.{op} returned {type(result).__name__}")
+        if not isinstance(result, op.response):
+            raise StageBadResponse(f"{self.stage}.{op.name} returned {type(result).__name__}")
         return result
 
     async def info(self) -> StageInfo:
@@ -278,17 +304,17 @@ class StageClient:
 
 class TextEncoderClient(StageClient):
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
-        return await self.transport.call("encode", request, EncodeResponse)
+        return await self.transport.call(ENCODE, request)
 
 
 class UNetClient(StageClient):
     async def denoise(self, request: DenoiseRequest) -> DenoiseResponse:
-        return await self.transport.call("denoise", request, DenoiseResponse)
+        return await self.transport.call(DENOISE, request)
 
 
 class VaeClient(StageClient):
     async def decode(self, request: DecodeRequest) -> DecodeResponse:
-        return await self.transport.call("decode", request, DecodeResponse)
+        return await self.transport.call(DECODE, request)
 
     async def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
-        return await self.transport.call("encode_image", request, EncodeImageResponse)
+        return await self.transport.call(ENCODE_IMAGE, request)

@@ -28,8 +28,10 @@ from shared.protocol import (
     DenoiseRequest,
     EncodeImageRequest,
     EncodeRequest,
+    ImageConditioning,
     Img2ImgRequest,
     InpaintRequest,
+    MaskConditioning,
     OutpaintRequest,
     StageInfo,
     Txt2ImgRequest,
@@ -247,7 +249,8 @@ class Orchestrator:
         cfg = p["guidance_scale"] > 1.0
         hops: dict[str, float] = {}
         compute: dict[str, float] = {}
-        denoise_extra: dict[str, Any] = {}
+        image: ImageConditioning | None = None
+        mask: MaskConditioning | None = None
 
         # 4 (img2img/inpaint). VAE-encode the init image: posterior moments; the UNet samples them in order.
         if conditioning is not None:
@@ -260,19 +263,19 @@ class Orchestrator:
             )
             hops["encode_image_ms"] = (time.perf_counter() - t0) * 1000
             compute["encode_image"] = enc_img.encode_ms
-            denoise_extra = {
-                "strength": conditioning.strength,
-                "image_latent_mean": enc_img.latent_mean,
-                "image_latent_std": enc_img.latent_std,
-                "scaling_factor": float(vae_info.config["scaling_factor"]),
-            }
+            image = ImageConditioning(
+                latent_mean=enc_img.latent_mean,
+                latent_std=enc_img.latent_std,
+                strength=conditioning.strength,
+                scaling_factor=float(vae_info.config["scaling_factor"]),
+            )
             if conditioning.mask is not None:
                 if enc_img.masked_latent_mean is None or enc_img.masked_latent_std is None:
                     raise StageBadResponse("vae_decoder returned no masked-image moments for a mask")
-                denoise_extra.update(
+                mask = MaskConditioning(
                     mask=torch.from_numpy(conditioning.mask),
-                    masked_image_latent_mean=enc_img.masked_latent_mean,
-                    masked_image_latent_std=enc_img.masked_latent_std,
+                    masked_latent_mean=enc_img.masked_latent_mean,
+                    masked_latent_std=enc_img.masked_latent_std,
                 )
 
         # 3. Encode input prompt
@@ -306,7 +309,8 @@ class Orchestrator:
                 scheduler=p["scheduler"],
                 seeds=seeds,
                 model=model,
-                **denoise_extra,
+                image=image,
+                mask=mask,
             )
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000

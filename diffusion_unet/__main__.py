@@ -2,7 +2,8 @@
 
 import sys
 
-from central.cli import main
+from diffusion_unet.app import build_app
+from shared.serving.launcher import stage_main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", "diffusion-unet", *sys.argv[1:]]))
+    sys.exit(stage_main("diffusion_unet", build_app))

@@ -1,28 +1,25 @@
 """Continuous batching at step granularity: requests join and leave the running batch between steps.
 
-One thread owns the UNet. Before every step it admits waiting requests (up to ``max_batch_size`` images in
+Before every step, on the model thread, the batcher admits waiting requests (up to ``max_images`` images in
 flight), drops requests whose caller went away, groups the active jobs whose inputs can be concatenated
 (``DenoiseJob.key``: same variant, latent size and embedding shape) and runs one UNet forward per group.
 Each job then steps its *own* scheduler on its slice, with its own timestep, guidance scale, step count and
 generators, so a 4-step request that arrives during a 50-step one finishes after about 4 steps instead of
-waiting for all 50, and the UNet is used by one thread only.
+waiting for all 50. With ``max_images`` = 1 (batching off) requests run one after another, each alone.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from shared.batching import Work
+from diffusion_unet.denoise import DenoiseJob, JobCancelled, step
 from shared.protocol import DenoiseRequest, DenoiseResponse
-
-if TYPE_CHECKING:
-    from diffusion_unet.runtime import DenoiseJob, UNetRuntime
+from shared.serving.batching import Batcher, ModelWorker, Work
 
 log = logging.getLogger("triptych.batcher")
 
@@ -30,8 +27,7 @@ log = logging.getLogger("triptych.batcher")
 @dataclass
 class _Waiter:
     request: DenoiseRequest
-    cancel: threading.Event | None
-    work: Work = field(default_factory=Work)
+    work: Work
     job: DenoiseJob | None = None
 
     @property
@@ -39,109 +35,82 @@ class _Waiter:
         return self.request.batch_size
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
     """Runs every admitted denoise job, one step at a time, sharing UNet forwards between compatible jobs."""
 
-    def __init__(self, runtime: UNetRuntime, *, max_batch_size: int) -> None:
-        self.runtime = runtime
-        self.max_batch_size = max_batch_size
-        self._cond = threading.Condition()
+    def __init__(
+        self,
+        worker: ModelWorker,
+        prepare: Callable[[DenoiseRequest], DenoiseJob],
+        *,
+        max_images: int,
+        check: Callable[[DenoiseRequest], None] | None = None,
+    ) -> None:
+        super().__init__("unet-denoise", worker, check=check)
+        self._prepare = prepare
+        self.max_images = max_images
         self._pending: deque[_Waiter] = deque()
-        self._closed = False
-        self._started = False
-        # Read by /metrics and tests: forwards run, and the images in the largest forward so far.
-        self.forwards = 0
-        self.largest_batch = 0
+        self._active: list[_Waiter] = []
+        # Read by /metrics and tests: the images of the running batch.
         self.active_images = 0
 
-    def submit(self, request: DenoiseRequest, cancel: threading.Event | None = None) -> Work:
-        """Queue one request; its ``Work`` completes with the final latents. Never blocks. Setting ``cancel``
-        (its caller went away) drops the job before its next step."""
-        waiter = _Waiter(request, cancel)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the UNet batcher is closed")
-            if not self._started:
-                self._started = True
-                self.runtime.start_model_loop(self._loop)
-            self._pending.append(waiter)
-            self._cond.notify()
-        return waiter.work
+    @property
+    def forwards(self) -> int:
+        """UNet forwards run so far (one per group per step)."""
+        return self.batches
 
-    def run(self, request: DenoiseRequest, cancel: threading.Event | None = None) -> DenoiseResponse:
-        """Submit one request and block the calling thread until its final latents are ready."""
-        result: DenoiseResponse = self.submit(request, cancel).result()
-        return result
+    def _enqueue(self, request: DenoiseRequest, work: Work) -> None:
+        self._pending.append(_Waiter(request, work))
 
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+    def has_work(self) -> bool:
+        return bool(self._pending or self._active)
 
-    # ------------------------------------------------------------------ the batcher thread
-    def _admit(self, active: list[_Waiter]) -> list[_Waiter]:
-        """Waiting requests that fit next to ``active`` (a lone request larger than the cap still runs)."""
-        with self._cond:
-            while not self._pending and not active and not self._closed:
-                self._cond.wait()
-            room = self.max_batch_size - sum(w.images for w in active)
+    def _admit(self) -> list[_Waiter]:
+        """Waiting requests that fit next to the active ones (a lone request larger than the cap still runs)."""
+        with self.worker.cond:
+            room = self.max_images - sum(w.images for w in self._active)
             admitted: list[_Waiter] = []
-            while self._pending and (self._pending[0].images <= room or (not active and not admitted)):
+            while self._pending and (self._pending[0].images <= room or (not self._active and not admitted)):
                 waiter = self._pending.popleft()
                 if waiter.work.start():  # else its caller gave up while it was queued
                     room -= waiter.images
                     admitted.append(waiter)
             return admitted
 
-    @staticmethod
-    def _finish(waiter: _Waiter, result: DenoiseResponse | None = None, error: BaseException | None = None) -> None:
-        waiter.work.finish(result, error)
-
-    def _loop(self) -> None:
-        from diffusion_unet.runtime import JobCancelled
-
-        active: list[_Waiter] = []
+    def run_once(self) -> None:
+        """Admit, drop abandoned jobs, then one step of every active job (one forward per compatible group)."""
         with torch.inference_mode():
-            while True:
-                for waiter in self._admit(active):
-                    try:
-                        waiter.job = self.runtime.prepare(waiter.request)
-                        active.append(waiter)
-                    except Exception as exc:  # invalid input: that request fails, the batch goes on
-                        self._finish(waiter, error=exc)
-                if self._closed and not active:
-                    return
-                still: list[_Waiter] = []
-                for waiter in active:
-                    if waiter.cancel is not None and waiter.cancel.is_set():
-                        self._finish(waiter, error=JobCancelled("the caller went away"))
-                    else:
-                        still.append(waiter)
-                active = still
-                self.active_images = sum(w.images for w in active)
-                groups: dict[tuple[object, ...], list[_Waiter]] = {}
-                for waiter in active:
-                    assert waiter.job is not None
+            for waiter in self._admit():
+                try:
+                    waiter.job = self._prepare(waiter.request)
+                    self._active.append(waiter)
+                except Exception as exc:  # invalid input: that request fails, the batch goes on
+                    waiter.work.finish(error=exc)
+            groups: dict[tuple[object, ...], list[_Waiter]] = {}
+            for waiter in self._active:
+                if waiter.work.abandoned:
+                    waiter.work.finish(error=JobCancelled("the caller went away"))
+                    waiter.job = None
+                elif waiter.job is not None:
                     groups.setdefault(waiter.job.key, []).append(waiter)
-                for group in groups.values():
-                    jobs = [w.job for w in group if w.job is not None]
-                    try:
-                        self.runtime.step(jobs)
-                    except Exception as exc:
-                        log.exception("a denoise step failed for %d request(s)", len(group))
-                        for waiter in group:
-                            self._finish(waiter, error=exc)
-                            waiter.job = None
-                        continue
-                    self.forwards += 1
-                    self.largest_batch = max(self.largest_batch, sum(w.images for w in group))
-                remaining = []
-                for waiter in active:
-                    if waiter.job is None:
-                        continue
-                    if waiter.job.done:
-                        self._finish(waiter, result=waiter.job.result())
-                    else:
-                        remaining.append(waiter)
-                active = remaining
-                self.active_images = sum(w.images for w in active)
+            self.active_images = sum(w.images for group in groups.values() for w in group)
+            for group in groups.values():
+                try:
+                    step([w.job for w in group if w.job is not None])
+                except Exception as exc:
+                    log.exception("a denoise step failed for %d request(s)", len(group))
+                    for waiter in group:
+                        waiter.work.finish(error=exc)
+                        waiter.job = None
+                    continue
+                self._counted(sum(w.images for w in group))
+            remaining = []
+            for waiter in self._active:
+                if waiter.job is None:
+                    continue
+                if waiter.job.done:
+                    waiter.work.finish(waiter.job.result())
+                else:
+                    remaining.append(waiter)
+            self._active = remaining
+            self.active_images = sum(w.images for w in remaining)

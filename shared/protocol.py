@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
-from shared.errors import InvalidValue
+from shared import wire
+from shared.errors import InvalidValue, MalformedRequest, PayloadTooLarge, validation_error
 
 API_VERSION = "v1"
 MAX_SEED = 2**63 - 1
@@ -36,6 +37,23 @@ def _invalid(message: str) -> InvalidValue:
     return InvalidValue(message, param=named.group(1) if named else None)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_message(body: bytes, model: type[M], limits: wire.Limits = wire.DEFAULT_LIMITS) -> M:
+    """msgpack bytes -> a validated ``model``; every failure is a 400, 413 or 422 (``TriptychError``)."""
+    try:
+        message = wire.decode(body, limits)
+    except wire.WireError as exc:
+        raise (PayloadTooLarge if exc.too_large else MalformedRequest)(str(exc)) from None
+    if not isinstance(message, dict):
+        raise MalformedRequest(f"message must be a msgpack map, got {type(message).__name__}")
+    try:
+        return model.model_validate(message)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
 class WireModel(BaseModel):
     """Base for stage messages: tensors allowed, unknown fields refused (a typo must not pass silently)."""
 
@@ -43,6 +61,20 @@ class WireModel(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+class StageRequest(WireModel):
+    """A request to a stage operation. ``batch_size`` (images, or prompts for the text encoder) and
+    ``denoising_steps`` feed the stages' metrics."""
+
+    @property
+    def batch_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def denoising_steps(self) -> int:
+        """Denoising iterations the request runs (0 for every stage but the UNet)."""
+        return 0
 
 
 def _float_tensor(ndim: int) -> Callable[[Any], torch.Tensor]:
@@ -88,12 +120,16 @@ class StageInfo(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- text encoder
-class EncodeRequest(WireModel):
+class EncodeRequest(StageRequest):
     """Prompts to embed, as ``StableDiffusionPipeline.encode_prompt`` would."""
 
     prompt: list[Annotated[str, Field(max_length=8192)]] = Field(min_length=1, max_length=MAX_PROMPTS)
     negative_prompt: list[Annotated[str, Field(max_length=8192)]] | None = None
     do_classifier_free_guidance: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompt)
 
     @model_validator(mode="after")
     def _check(self) -> EncodeRequest:
@@ -119,19 +155,59 @@ class EncodeResponse(WireModel):
 
 
 # ----------------------------------------------------------------------------------------- UNet
-class DenoiseRequest(WireModel):
+class ImageConditioning(WireModel):
+    """The init image of img2img and inpainting, as the VAE posterior's moments (unscaled, shape
+    (1, C, h, w)), so the UNet draws every sample from the request's generators in exactly the pipeline's
+    order; ``scaling_factor`` is the VAE's, applied to the samples as the pipelines do."""
+
+    latent_mean: Latents
+    latent_std: Latents
+    strength: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    scaling_factor: float = Field(gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageConditioning:
+        if self.latent_mean.shape != self.latent_std.shape or self.latent_mean.shape[0] != 1:
+            raise _invalid(
+                f"`latent_mean` and `latent_std` must both have shape (1, C, h, w), got "
+                f"{list(self.latent_mean.shape)} and {list(self.latent_std.shape)}"
+            )
+        return self
+
+
+class MaskConditioning(WireModel):
+    """Inpainting: the pixel mask (uint8 (1, 1, H, W), 1 = repaint) and the moments of the masked image
+    (``image * (mask < 0.5)``), as ``EncodeImageResponse`` returns them."""
+
+    mask: Tensor
+    masked_latent_mean: Latents
+    masked_latent_std: Latents
+
+    @model_validator(mode="after")
+    def _check(self) -> MaskConditioning:
+        m = self.mask
+        if m.dtype != torch.uint8 or m.dim() != 4 or tuple(m.shape[:2]) != (1, 1):
+            raise _invalid(f"`mask` must be uint8 (1, 1, H, W), got {str(m.dtype).removeprefix('torch.')} "
+                           f"{list(m.shape)}")  # fmt: skip
+        if self.masked_latent_mean.shape != self.masked_latent_std.shape or self.masked_latent_mean.shape[0] != 1:
+            raise _invalid("`masked_latent_mean` and `masked_latent_std` must both have shape (1, C, h, w)")
+        return self
+
+
+class DenoiseRequest(StageRequest):
     """Everything the denoise loop needs: embeddings, size, steps, guidance, scheduler and noise.
 
     Image ``i`` starts from noise drawn with ``torch.Generator("cpu").manual_seed(seeds[i])`` (SPEC §8);
     ``latents`` replaces that noise when given. Prompt ``p``'s embeddings serve images
-    ``p * num_images_per_prompt`` up to ``(p + 1) * num_images_per_prompt - 1``.
+    ``p * num_images_per_prompt`` up to ``(p + 1) * num_images_per_prompt - 1``. The task follows from the
+    conditioning: none is text-to-image, ``image`` image-to-image, ``image`` and ``mask`` inpainting.
     """
 
     prompt_embeds: Embeds
     negative_prompt_embeds: Embeds | None = None
     num_images_per_prompt: int = Field(default=1, ge=1, le=64)
-    height: int = Field(ge=8, le=8192)
-    width: int = Field(ge=8, le=8192)
+    height: int = Field(ge=1, le=8192)
+    width: int = Field(ge=1, le=8192)
     num_inference_steps: int = Field(default=50, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0, allow_inf_nan=False)
     eta: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
@@ -139,22 +215,14 @@ class DenoiseRequest(WireModel):
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(default=None, max_length=4096)
     latents: Latents | None = None
     model: str | None = Field(default=None, max_length=128)
-
-    # Image conditioning (img2img / inpaint). The init image arrives as the VAE posterior's moments so the
-    # UNet draws every sample from the request's generators in exactly the pipeline's order.
-    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    image_latent_mean: Latents | None = None
-    image_latent_std: Latents | None = None
-    masked_image_latent_mean: Latents | None = None
-    masked_image_latent_std: Latents | None = None
-    mask: Tensor | None = Field(default=None, description="(1, 1, H, W) pixel-level mask, 1 = repaint.")
-    scaling_factor: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    image: ImageConditioning | None = None
+    mask: MaskConditioning | None = None
 
     @property
-    def task(self) -> str:
+    def task(self) -> Literal["txt2img", "img2img", "inpaint"]:
         if self.mask is not None:
             return "inpaint"
-        return "img2img" if self.image_latent_mean is not None else "txt2img"
+        return "img2img" if self.image is not None else "txt2img"
 
     @property
     def batch_size(self) -> int:
@@ -163,6 +231,12 @@ class DenoiseRequest(WireModel):
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def denoising_steps(self) -> int:
+        """``num_inference_steps``, cut by ``strength`` as the img2img / inpaint pipelines do."""
+        steps = self.num_inference_steps
+        return steps if self.image is None else min(int(steps * self.image.strength), steps)
 
     @model_validator(mode="after")
     def _check(self) -> DenoiseRequest:
@@ -180,30 +254,11 @@ class DenoiseRequest(WireModel):
             raise _invalid(f"`seeds` has {len(self.seeds)} entries; the batch has {self.batch_size} images")
         if self.latents is not None and self.latents.shape[0] != self.batch_size:
             raise _invalid(f"`latents` has {self.latents.shape[0]} images; the batch has {self.batch_size}")
-        self._check_image_conditioning()
+        if self.mask is not None and self.image is None:
+            raise _invalid("`mask` conditioning needs `image` conditioning (the init image's moments)")
+        if self.image is not None and self.latents is not None:
+            raise _invalid("`latents` cannot be combined with `image` conditioning; send `seeds`")
         return self
-
-    def _check_image_conditioning(self) -> None:
-        pairs = (("image_latent_mean", "image_latent_std"), ("masked_image_latent_mean", "masked_image_latent_std"))
-        for mean_name, std_name in pairs:
-            mean, std = getattr(self, mean_name), getattr(self, std_name)
-            if (mean is None) != (std is None):
-                raise _invalid(f"`{mean_name}` and `{std_name}` come together")
-            if mean is not None and (mean.shape != std.shape or mean.shape[0] != 1):
-                raise _invalid(f"`{mean_name}` and `{std_name}` must both have shape (1, C, h, w)")
-        if self.image_latent_mean is None:
-            if self.mask is not None or self.strength is not None:
-                raise _invalid("`strength` and `mask` need `image_latent_mean` and `image_latent_std`")
-            return
-        if self.strength is None or self.scaling_factor is None:
-            raise _invalid("image conditioning needs `strength` and `scaling_factor`")
-        if self.latents is not None:
-            raise _invalid("`latents` cannot be combined with image conditioning; send `seeds`")
-        if self.mask is not None:
-            if self.mask.dtype != torch.uint8 or self.mask.dim() != 4 or tuple(self.mask.shape[:2]) != (1, 1):
-                raise _invalid(f"`mask` must be uint8 (1, 1, H, W), got {self.mask.dtype} {list(self.mask.shape)}")
-            if self.masked_image_latent_mean is None:
-                raise _invalid("`mask` needs `masked_image_latent_mean` and `masked_image_latent_std`")
 
 
 class DenoiseResponse(WireModel):
@@ -213,13 +268,17 @@ class DenoiseResponse(WireModel):
 
 
 # ----------------------------------------------------------------------------------------- VAE
-class DecodeRequest(WireModel):
+class DecodeRequest(StageRequest):
     """Final latents (B, C, h, w), *unscaled* (the VAE stage divides by its own scaling factor)."""
 
     latents: Latents
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
 
-class EncodeImageRequest(WireModel):
+
+class EncodeImageRequest(StageRequest):
     """Images to encode, uint8 (B, H, W, 3) at their final size; ``mask`` (1, 1, H, W) uint8 0/1 adds the
     moments of ``image * (mask < 0.5)`` as the inpaint pipeline computes them. With ``seeds`` the stage also
     samples latents (scaled by the VAE's scaling factor), image ``i`` with generator ``seeds[i]``."""
@@ -227,6 +286,10 @@ class EncodeImageRequest(WireModel):
     images: Tensor
     mask: Tensor | None = None
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(default=None, max_length=4096)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.images.shape[0])
 
     @model_validator(mode="after")
     def _check(self) -> EncodeImageRequest:

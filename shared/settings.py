@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="json: one object per line; text: short lines; auto: text at a terminal."
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="After SIGTERM: how long in-flight requests may take before the process exits."
     )

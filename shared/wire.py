@@ -9,6 +9,12 @@ A message is one msgpack value (in practice a map). Tensors inside it are msgpac
     ndim x u64 little-endian the shape
     ...  raw bytes           C-order, little-endian, exactly prod(shape) * itemsize bytes
 
+or, for a tensor whose memory layout is not C order (channels-last latents, say), of type
+``STRIDED_TENSOR_EXT_TYPE`` (2): the same header, then ``ndim`` u8 giving the dimension order in memory
+(outermost first; C order is 0, 1, ..., ndim - 1), then the bytes in that order. The receiver gets a tensor
+with the sender's layout: oneDNN picks its convolution kernels by layout, so a tensor that changed layout
+in transit would be computed with other kernels than the pipeline uses, and come out 1e-6 off (SPEC §8).
+
 Nothing else is ever executed or unpickled. Decoding is bounded: the body size, every msgpack string /
 binary / array / map / ext length, the nesting depth, the number of dimensions and elements, and the byte
 count against shape x itemsize are all checked before the tensor's memory is allocated.
@@ -27,7 +33,8 @@ import torch
 
 CONTENT_TYPE = "application/msgpack"
 TENSOR_EXT_TYPE = 1
-FORMAT_VERSION = 1
+STRIDED_TENSOR_EXT_TYPE = 2
+FORMAT_VERSION = 2
 
 #: dtype name on the wire -> (torch dtype, itemsize). The only dtypes a peer may send.
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -69,18 +76,38 @@ DEFAULT_LIMITS = Limits()
 
 
 # --------------------------------------------------------------------------------------------- encode
+def dim_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions from outermost to innermost in memory of the layout ``tensor.clone()`` would have:
+    ``(0, 1, ..., n-1)`` for C order, ``(0, 2, 3, 1)`` for channels-last. Like torch's ``preserve_format``,
+    a dense tensor keeps its own strides and any other (a slice, a broadcast) takes the layout torch suggests
+    for it, so a view of channels-last memory travels as channels-last and a broadcast as C order."""
+    if tensor.is_contiguous():
+        return tuple(range(tensor.dim()))
+    strides = torch.empty_like(tensor, device="meta").stride()
+    return tuple(sorted(range(tensor.dim()), key=lambda d: -strides[d]))
+
+
 def tensor_to_ext(tensor: torch.Tensor) -> msgpack.ExtType:
-    """One tensor as a wire ext value. Copies to CPU and to C order when needed; never pickles."""
+    """One tensor as a wire ext value, keeping its memory layout: C-order tensors as type 1, any other
+    layout as type 2 with its dimension order. Copies to CPU (and into that order) when needed; never
+    pickles."""
     name = _NAME_OF.get(tensor.dtype)
     if name is None:
         raise TypeError(f"dtype {tensor.dtype} cannot be sent; allowed: {', '.join(DTYPES)}")
     if tensor.dim() > 255:
         raise TypeError("a tensor on the wire has at most 255 dimensions")
-    t = tensor.detach().to("cpu").contiguous()
+    t = tensor.detach().to("cpu")
+    order = dim_order(t)
+    strided = order != tuple(range(t.dim()))
+    # In memory order, then dense: the bytes of a channels-last tensor are its NHWC bytes.
+    t = t.permute(order).contiguous() if strided else t.contiguous()
     # A uint8 view of the flat tensor gives the raw bytes for every dtype, bfloat16 included.
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     dtype = name.encode("ascii")
-    header = bytes([len(dtype)]) + dtype + bytes([t.dim()]) + b"".join(_U64.pack(d) for d in t.shape)
+    shape = tensor.shape
+    header = bytes([len(dtype)]) + dtype + bytes([len(shape)]) + b"".join(_U64.pack(d) for d in shape)
+    if strided:
+        return msgpack.ExtType(STRIDED_TENSOR_EXT_TYPE, header + bytes(order) + raw)
     return msgpack.ExtType(TENSOR_EXT_TYPE, header + raw)
 
 
@@ -96,8 +123,8 @@ def encode(message: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------- decode
-def ext_to_tensor(data: bytes, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    """Parse one tensor ext payload, validating the header before allocating anything."""
+def ext_to_tensor(data: bytes, limits: Limits = DEFAULT_LIMITS, *, strided: bool = False) -> torch.Tensor:
+    """Parse one tensor ext payload (type 2 when ``strided``), validating the header before allocating."""
     view = memoryview(data)
     if len(view) < 2:
         raise WireError("tensor header is truncated")
@@ -117,6 +144,14 @@ def ext_to_tensor(data: bytes, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
         raise WireError("tensor shape is truncated")
     shape = [_U64.unpack_from(view, pos + 8 * i)[0] for i in range(ndim)]
     pos += 8 * ndim
+    order = list(range(ndim))
+    if strided:
+        if len(view) < pos + ndim:
+            raise WireError("tensor dimension order is truncated")
+        order = list(view[pos : pos + ndim])
+        pos += ndim
+        if sorted(order) != list(range(ndim)):
+            raise WireError(f"tensor dimension order {order} is not a permutation of 0..{ndim - 1}")
     # Each dimension is bounded too: a zero-element shape such as (0, 2**64 - 1) must not reach torch.
     if any(d > limits.max_elements for d in shape):
         raise WireError(f"tensor of shape {shape} has a dimension above {limits.max_elements}", too_large=True)
@@ -135,8 +170,12 @@ def ext_to_tensor(data: bytes, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     # bytearray gives torch a writable buffer of its own; the message bytes are not kept alive.
-    flat = torch.frombuffer(bytearray(view[pos:]), dtype=torch.uint8)
-    return flat.view(dtype).reshape(shape)
+    flat = torch.frombuffer(bytearray(view[pos:]), dtype=torch.uint8).view(dtype)
+    if not strided:
+        return flat.reshape(shape)
+    # The bytes hold the dimensions in `order`; permuting back gives the logical shape with the sender's strides.
+    inverse = sorted(range(ndim), key=order.__getitem__)
+    return flat.reshape([shape[d] for d in order]).permute(inverse)
 
 
 def _check_depth(obj: Any, max_depth: int, depth: int = 0) -> None:
@@ -164,9 +203,9 @@ def decode(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise WireError("body is empty")
 
     def ext_hook(code: int, data: bytes) -> Any:
-        if code != TENSOR_EXT_TYPE:
+        if code not in (TENSOR_EXT_TYPE, STRIDED_TENSOR_EXT_TYPE):
             raise WireError(f"unknown msgpack ext type {code}")
-        return ext_to_tensor(data, limits)
+        return ext_to_tensor(data, limits, strided=code == STRIDED_TENSOR_EXT_TYPE)
 
     try:
         # msgpack checks these lengths while parsing, before it allocates a container or string.

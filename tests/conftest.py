@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -12,19 +13,50 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
-from shared.models import create_tiny
+from shared.serving.models import create_tiny
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that run the launcher's ``apply_flags`` configure the process's logging; put it back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "uvicorn.access", "uvicorn.error")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in named.items():
+        logging.getLogger(name).setLevel(old)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x-shaped model directory (64x64 images), written once per session."""
     return create_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def init_image() -> PIL.Image.Image:
+    """A smooth, structured 64x64 picture (gradients + a disc), so resizing and masking have real content."""
+    y, x = np.mgrid[0:64, 0:64]
+    disc = ((x - 40) ** 2 + (y - 24) ** 2 < 150).astype(np.float64)
+    rgb = np.stack([x * 4, y * 4, 255 * disc], axis=-1).clip(0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(rgb)
+
+
+@pytest.fixture(scope="session")
+def mask_image() -> PIL.Image.Image:
+    """White (repaint) on a 32x32 block of the 64x64 picture."""
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 8:40] = 255
+    return PIL.Image.fromarray(mask, mode="L")
 
 
 @pytest.fixture(scope="session")

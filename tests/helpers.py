@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from typing import Any
 
 import httpx
+import numpy as np
+import PIL.Image
+import torch
 
 from central.clients import Exchange, HttpReply, LocalTransport, TextEncoderClient, UNetClient, VaeClient
 from central.pipeline import Orchestrator
 from shared.settings import Settings
 
 ENVELOPE_KEYS = {"type", "message", "param"}
+
+
+# ------------------------------------------------------------------------------------------- images and pixels
+def png_b64(image: PIL.Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_all(response: Any) -> np.ndarray:
+    """The images of a 200 JSON task response, uint8 (B, H, W, 3)."""
+    assert response.status_code == 200, response.text
+    return np.stack([np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b)))) for b in response.json()["images"]])
+
+
+def pipeline_pixels(out: Any) -> np.ndarray:
+    """A diffusers pipeline output (``output_type="pil"``) as uint8 (B, H, W, 3)."""
+    return np.stack([np.asarray(im) for im in out.images])
+
+
+def gens(seed: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeds ``seed + i`` (SPEC §8)."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
 LEAKS = ("Traceback", "/work/", "site-packages", 'File "', '.py", line')
 
 
@@ -59,5 +94,24 @@ def local_orchestrator(settings: Settings, te: Any, unet: Any, vae: Any) -> Orch
         TextEncoderClient(LocalTransport(te)),
         UNetClient(LocalTransport(unet)),
         VaeClient(LocalTransport(vae)),
+        settings,
+    )
+
+
+def wire_orchestrator(settings: Settings, te: Any, unet: Any, vae: Any) -> Orchestrator:
+    """Central's orchestrator calling the three stages' real apps through the msgpack wire, in this process:
+    every tensor crosses the codec as it does between services."""
+    from central.clients import HttpTransport
+    from diffusion_unet.app import build_app as unet_app
+    from text_encoder.app import build_app as te_app
+    from vae_decoder.app import build_app as vae_app
+
+    def transport(stage: Any, app: Any) -> HttpTransport:
+        return HttpTransport(stage, f"http://{stage}", settings, exchange=asgi_exchange(app))
+
+    return Orchestrator(
+        TextEncoderClient(transport("text_encoder", te_app(settings, te))),
+        UNetClient(transport("diffusion_unet", unet_app(settings, unet))),
+        VaeClient(transport("vae_decoder", vae_app(settings, vae))),
         settings,
     )

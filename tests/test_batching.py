@@ -18,8 +18,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from diffusion_unet.app import build_app as unet_app
-from diffusion_unet.runtime import JobCancelled, UNetRuntime
+from diffusion_unet.denoise import JobCancelled
+from diffusion_unet.runtime import UNetRuntime
 from shared import wire
+from shared.operations import DENOISE
 from shared.protocol import DecodeRequest, DenoiseRequest, EncodeRequest
 
 
@@ -94,21 +96,10 @@ def test_a_short_request_overtakes_a_long_one(unet_runtime, embeds) -> None:  # 
 
 
 def test_a_cancelled_request_frees_its_slot(unet_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
-    cancel = threading.Event()
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            unet_runtime.batcher.run(request(embeds, steps=400, seed=1), cancel)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run)
-    worker.start()
+    work = unet_runtime.submit(DENOISE, request(embeds, steps=400, seed=1))
     wait_until(lambda: unet_runtime.batcher.active_images > 0)
-    cancel.set()
-    worker.join(30)
-    assert len(outcome) == 1 and isinstance(outcome[0], JobCancelled)
+    work.abandon()  # what the HTTP route does when its caller hangs up
+    assert isinstance(work.exception(timeout=30), JobCancelled)
     # The next request runs at once: nothing is left in the batch.
     assert unet_runtime.denoise(request(embeds, steps=2, seed=1)).latents.shape == (1, 4, 8, 8)
     wait_until(lambda: unet_runtime.batcher.active_images == 0)
@@ -136,14 +127,29 @@ def test_invalid_request_fails_alone_while_others_run(unet_runtime, embeds) -> N
 
 def test_batching_off_runs_one_request_at_a_time(settings, unet_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
     rt = UNetRuntime(settings.model_copy(update={"batching": False}))
-    rt.load()
-    out = rt.denoise(request(embeds, steps=3, seed=5)).latents
-    assert torch.equal(out, unet_runtime.denoise(request(embeds, steps=3, seed=5)).latents)
-    # Unbatched requests run on the thread that loaded the model (one OpenMP pool), one at a time.
-    rt.denoise = lambda message: threading.current_thread().name  # type: ignore[method-assign]
-    ran_on = asyncio.run(rt.call("denoise", request(embeds, steps=3, seed=5)))
-    assert ran_on.startswith("diffusion_unet-model"), ran_on
-    rt.close()
+    asyncio.run(rt.load_async())
+    threads: list[str] = []
+    prepare = rt.batcher._prepare
+
+    def recording(req):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return prepare(req)
+
+    rt.batcher._prepare = recording
+    try:
+        reqs = [request(embeds, steps=3, seed=5), request(embeds, steps=4, seed=6)]
+        works = [rt.submit(DENOISE, r) for r in reqs]  # queued together, still run one after the other
+        outs = [w.result(timeout=60).latents for w in works]
+        together = rt.batcher.forwards
+        for out, r in zip(outs, reqs, strict=True):
+            assert torch.equal(out, unet_runtime.denoise(r).latents)
+            assert torch.equal(out, rt.denoise(r).latents)
+        # No forward was shared: the two alone take as many forwards as the two queued together.
+        assert rt.batcher.largest_batch == 1 and rt.batcher.forwards == 2 * together
+        # On the thread that loaded the model (one OpenMP pool), the same path as with batching on.
+        assert len(threads) == 4 and all(t.startswith("diffusion_unet-model") for t in threads), threads
+    finally:
+        rt.close()
 
 
 def test_full_queue_answers_429_with_retry_after(settings, unet_runtime, embeds) -> None:  # type: ignore[no-untyped-def]
@@ -317,16 +323,16 @@ def test_compile_and_thread_settings_are_applied(settings, monkeypatch: pytest.M
 def test_concurrent_decodes_share_one_vae_forward(vae_runtime) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     latents = [torch.randn(n, 4, 8, 8) for n in (1, 2, 1)]
-    solo = [vae_runtime._decode_many([DecodeRequest(latents=x)])[0].images for x in latents]
+    solo = [vae_runtime.decode_batch([DecodeRequest(latents=x)])[0].images for x in latents]
     batcher = vae_runtime.decode_batcher
     gate = threading.Event()
-    original = vae_runtime._decode_locked
+    original = batcher._run_batch
 
     def held(requests):  # type: ignore[no-untyped-def]
         gate.wait(30)  # hold the first batch so the others queue up behind it
         return original(requests)
 
-    vae_runtime._decode_locked = held
+    batcher._run_batch = held
     try:
         batches, largest = batcher.batches, batcher.largest_batch
         batcher.largest_batch = 0
@@ -338,7 +344,7 @@ def test_concurrent_decodes_share_one_vae_forward(vae_runtime) -> None:  # type:
             gate.set()
             results = [f.result(timeout=60).images for f in futures]
     finally:
-        vae_runtime._decode_locked = original
+        batcher._run_batch = original
     assert batcher.batches - batches == 2 and batcher.largest_batch == 3  # 1 held, then the 3 waiting together
     for got, want in zip(results[1:], solo, strict=True):
         assert got.shape == want.shape

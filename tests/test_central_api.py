@@ -383,14 +383,8 @@ def stage_app(name: str, settings: Settings, runtime: Any) -> Any:
 
 
 def http_transport(name: str, double: StageDouble) -> HttpTransport:
-    return HttpTransport(
-        name,
-        f"http://{name}.test",
-        op_timeouts_s={OPS[name]: 30.0},
-        connect_timeout_s=5.0,
-        info_timeout_s=5.0,
-        exchange=double,
-    )
+    timeouts = Settings(encode_timeout_s=30.0, denoise_timeout_s=30.0, decode_timeout_s=30.0)
+    return HttpTransport(name, f"http://{name}.test", timeouts, exchange=double)
 
 
 @pytest.fixture
@@ -693,14 +687,14 @@ def test_healthz_answers_while_a_generation_computes(
     """The denoise loop runs off the event loop: /healthz and /readyz answer while it is still computing."""
     unet = runtimes["diffusion_unet"]
     started, release = threading.Event(), threading.Event()
-    real_prepare = unet.prepare
+    real_prepare = unet.batcher._prepare
 
     def slow_prepare(request: Any) -> Any:  # on the UNet's model thread, where the batcher admits the job
         started.set()
         release.wait(60)  # held here until the health checks below have answered
         return real_prepare(request)
 
-    monkeypatch.setattr(unet, "prepare", slow_prepare)
+    monkeypatch.setattr(unet.batcher, "_prepare", slow_prepare)
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.append(txt2img(client, seed=1, num_inference_steps=30)))
     worker.start()

@@ -492,7 +492,7 @@ def test_every_stage_has_an_autoscaler_and_a_disruption_budget(overlay: str) -> 
 
 
 def queue_depth_metric() -> str:
-    from shared.observability import QUEUE_DEPTH_METRIC
+    from shared.serving.metrics import QUEUE_DEPTH_METRIC
 
     return QUEUE_DEPTH_METRIC
 

@@ -21,6 +21,7 @@ from central.clients import HttpTransport, TextEncoderClient
 from shared import wire
 from shared.errors import StageBadResponse, StageTimeout, StageUnavailable
 from shared.protocol import EncodeRequest
+from shared.settings import Settings
 
 EMBEDS = {"prompt_embeds": torch.ones(1, 77, 32), "negative_prompt_embeds": torch.zeros(1, 77, 32), "encode_ms": 1.0}
 REQUEST = EncodeRequest(prompt=["a fox"], negative_prompt=[""])
@@ -72,7 +73,8 @@ class RawStage:
 
 
 def transport(url: str, timeout_s: float = 5.0, **kwargs: Any) -> HttpTransport:
-    return HttpTransport("text_encoder", url, op_timeouts_s={"encode": timeout_s}, connect_timeout_s=2.0, **kwargs)
+    settings = Settings(encode_timeout_s=timeout_s, connect_timeout_s=2.0)
+    return HttpTransport("text_encoder", url, settings, **kwargs)
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -238,6 +240,6 @@ def test_central_drops_idle_connections_before_the_stages_do() -> None:
     """Otherwise central reuses connections the stage is closing (the keep-alive race above, on every
     request that follows a pause longer than the stage's keep-alive)."""
     from central.clients import KEEPALIVE_S
-    from shared.observability import KEEP_ALIVE_S
+    from shared.serving.server import KEEP_ALIVE_S
 
     assert 0 < KEEPALIVE_S < KEEP_ALIVE_S

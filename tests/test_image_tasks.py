@@ -8,57 +8,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import PIL.Image
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from central.app import build_app
 from central.pipeline import outpaint_canvas
 from diffusion_unet.runtime import UNetRuntime
-from shared.models import create_tiny
+from shared.serving.models import create_tiny
 from shared.settings import Settings
-from tests.helpers import local_orchestrator
-
-
-def png_b64(image: PIL.Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode_all(response: httpx.Response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.stack([np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b)))) for b in response.json()["images"]])
-
-
-def pipeline_pixels(out) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return np.stack([np.asarray(im) for im in out.images])
-
-
-def gens(seed: int, n: int) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-@pytest.fixture(scope="module")
-def init_image() -> PIL.Image.Image:
-    """A smooth, structured 64x64 picture (gradients + a disc), so resizing and masking have real content."""
-    y, x = np.mgrid[0:64, 0:64]
-    disc = ((x - 40) ** 2 + (y - 24) ** 2 < 150).astype(np.float64)
-    rgb = np.stack([x * 4, y * 4, 255 * disc], axis=-1).clip(0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(rgb)
-
-
-@pytest.fixture(scope="module")
-def mask_image() -> PIL.Image.Image:
-    mask = np.zeros((64, 64), dtype=np.uint8)
-    mask[16:48, 8:40] = 255
-    return PIL.Image.fromarray(mask, mode="L")
+from tests.helpers import decode_all, gens, local_orchestrator, max_diff, pipeline_pixels, png_b64
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 
 from central.cli import build_parser, main
 from diffusion_unet.runtime import UNetRuntime
-from shared.models import create_tiny, default_model, fingerprint, resolve_model
 from shared.protocol import DecodeRequest, DenoiseRequest, EncodeRequest
+from shared.serving.models import create_tiny, default_model, fingerprint, resolve_model
 from shared.settings import Settings
 from text_encoder.runtime import TextEncoderRuntime
 from vae_decoder.runtime import VaeRuntime
@@ -130,9 +130,9 @@ def test_bfloat16_stages_run_end_to_end(tiny_model: Path) -> None:
 
 
 def test_settings_come_from_env_and_flags_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from central.cli import FLAG_ENV, _apply_flags
+    from shared.serving.launcher import FLAG_ENV, apply_flags
 
-    # _apply_flags exports what it sets (so `serve all` children see it): register every variable it may
+    # apply_flags exports what it sets (so `serve all` children see it): register every variable it may
     # touch with monkeypatch so they are restored and do not leak into later tests' processes.
     for env in FLAG_ENV.values():
         monkeypatch.setenv(env, "")  # records the original value (or its absence) for teardown
@@ -142,7 +142,7 @@ def test_settings_come_from_env_and_flags_win(monkeypatch: pytest.MonkeyPatch, t
     assert Settings().model == "/from/env"
     assert Settings().diffusion_unet_url == "http://unet:8002"  # trailing slash removed
     args = build_parser().parse_args(["serve", "central", "--model", str(tmp_path), "--dtype", "bfloat16"])
-    settings = _apply_flags(args)
+    settings = apply_flags(args)
     assert settings.model == str(tmp_path) and settings.dtype == "bfloat16"
     monkeypatch.setenv("TRIPTYCH_VAE_DECODER_URL", "ftp://nope")
     with pytest.raises(ValueError, match="http"):

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,9 +28,11 @@ from central.app import build_app as central_app
 from central.clients import HttpTransport, TextEncoderClient, UNetClient, VaeClient
 from central.pipeline import Orchestrator
 from shared import __version__, wire
-from shared.observability import JsonFormatter, Lifecycle, access_log, context_from_headers, parse_traceparent
+from shared.serving.logs import JsonFormatter, access_log
+from shared.serving.server import Lifecycle
 from shared.settings import Settings
-from tests.conftest import free_port_block, spawn_triptych
+from shared.tracing import context_from_headers, parse_traceparent
+from tests.conftest import REPO, free_port_block, spawn_triptych
 from tests.helpers import asgi_exchange
 
 GOOD: dict[str, Any] = {"prompt": "a lighthouse at dusk", "seed": 3, "num_inference_steps": 2}
@@ -96,12 +99,7 @@ def topology(
     }
 
     def transport(stage: str) -> HttpTransport:
-        return HttpTransport(
-            stage,
-            f"http://{stage}",
-            op_timeouts_s={STAGE_OPS[stage]: 60.0},
-            exchange=asgi_exchange(apps[stage]),
-        )
+        return HttpTransport(stage, f"http://{stage}", settings, exchange=asgi_exchange(apps[stage]))
 
     orchestrator = Orchestrator(
         TextEncoderClient(transport("text_encoder")),
@@ -237,7 +235,7 @@ def test_draining_app_refuses_work_but_stays_alive(settings: Settings, te_runtim
     app = te_app(settings, te_runtime)
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 200
-        app.state.observability.lifecycle.begin_drain()
+        app.state.lifecycle.begin_drain()
         for method, path in (("GET", "/readyz"), ("POST", "/v1/encode"), ("GET", "/v1/info")):
             r = client.request(method, path, content=wire.encode({"prompt": ["x"]}))
             assert r.status_code == 503, (path, r.text)
@@ -432,3 +430,76 @@ def test_sigterm_drains_a_stage(tiny_model: Path, tmp_path: Path) -> None:
         assert "latents" in wire.decode(response.content)
     finally:
         stop(proc)
+
+
+# ================================================================================================ human logs
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_auto_log_format_is_text_at_a_terminal_and_json_elsewhere() -> None:
+    from shared.serving.logs import resolve_format
+
+    assert resolve_format("auto", _Stream(True)) == "text"
+    assert resolve_format("auto", _Stream(False)) == "json"
+    assert resolve_format("json", _Stream(True)) == "json"
+    assert resolve_format("text", _Stream(False)) == "text"
+
+
+def test_text_access_line_is_one_short_line() -> None:
+    from shared.serving.logs import TextFormatter
+
+    fields = {"service": "central", "method": "POST", "path": "/v1/txt2img", "status": 200, "duration_ms": 812.34,
+              "request_id": "1a2b3c4d5e6f"}  # fmt: skip
+    record = logging.LogRecord("triptych.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = fields
+    line = TextFormatter("central").format(record)
+    assert line.endswith("INFO    central        POST /v1/txt2img 200 812.3 ms  rid=1a2b3c4d"), line
+    assert "\n" not in line
+
+
+def test_serve_all_at_a_terminal_prints_concise_text(tiny_model: Path, tmp_path: Path) -> None:
+    """`make run` in a terminal: human lines, the banner, one line per request per service, and none of the
+    readiness polling (central's /readyz and the stages' /v1/info) nor httpx's own request lines."""
+    import pty
+
+    base = free_port_block()
+    primary, secondary = pty.openpty()
+    env = clean_env(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_CACHE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "central.cli", "serve", "all", "--port", str(base)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while data := os.read(primary, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{base}"
+    try:
+        wait_for(lambda: proc.poll() is None and is_ready(url), 180, "serve all to be ready")
+        wait_for(lambda: b"Ctrl-C stops" in b"".join(chunks), 10, "the banner")
+        rid = uuid.uuid4().hex
+        r = httpx.post(f"{url}/v1/txt2img", json=GOOD, headers={"X-Request-ID": rid}, timeout=120)
+        assert r.status_code == 200
+        wait_for(lambda: b"".join(chunks).count(rid[:8].encode()) >= 4, 10, "four access lines")
+    finally:
+        stop(proc)
+        reader.join(10)
+        os.close(primary)
+    text = b"".join(chunks).decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert not [line for line in lines if line.lstrip().startswith("{")], text[-3000:]
+    assert "/readyz" not in text and "/v1/info" not in text and "HTTP Request" not in text, text[-3000:]
+    assert "it/s" not in text, "progress bars"
+    assert {line.split()[2] for line in lines if rid[:8] in line} == {"central", *STAGE_OPS}
+    assert f"Triptych is ready at {url}" in text
+    # Short: the whole start, one request and the stop fit on a screen.
+    assert len(lines) < 40, text

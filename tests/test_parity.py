@@ -15,7 +15,7 @@ from PIL import Image
 from central.app import build_app
 from shared.protocol import DecodeRequest, DenoiseRequest, EncodeRequest
 from tests.conftest import reference_images
-from tests.helpers import local_orchestrator
+from tests.helpers import local_orchestrator, max_diff
 
 # (prompt, negative_prompt, seed, num_images, guidance_scale, steps, scheduler)
 CASES = [
@@ -34,11 +34,6 @@ def decode_png(b64: str) -> np.ndarray:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     assert image.format == "PNG" and image.mode == "RGB"
     return np.asarray(image)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from central.app import build_app, http_orchestrator
 from central.clients import LocalTransport, TextEncoderClient
 from central.pipeline import Orchestrator
 from shared import wire
-from shared.models import create_tiny
+from shared.serving.models import create_tiny
 from shared.settings import Settings
 from tests.conftest import REPO, reference_images
 
@@ -196,7 +196,7 @@ def test_central_reports_a_stage_that_is_down(tiny_model) -> None:  # type: igno
 
 ALLOCATOR_PROBE = """
 import ctypes, sys
-from central.cli import tune_allocator
+from shared.serving.launcher import tune_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",

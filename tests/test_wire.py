@@ -103,6 +103,7 @@ def no_tensor_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_constants() -> None:
     assert wire.CONTENT_TYPE == "application/msgpack"
     assert wire.TENSOR_EXT_TYPE == 1
+    assert wire.STRIDED_TENSOR_EXT_TYPE == 2
 
 
 @pytest.mark.parametrize("name", list(wire.DTYPES))
@@ -190,31 +191,83 @@ def test_bfloat16_is_not_widened() -> None:
     _assert_same_tensor(wire.decode(body), t)
 
 
+# Views that are not a dense block of memory: sent as the C-order copy (what `tensor.clone()` would give).
 _NON_CONTIGUOUS: dict[str, Callable[[], torch.Tensor]] = {
-    "transposed": lambda: torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
     "step-slice": lambda: torch.arange(40, dtype=torch.int64).reshape(4, 10)[:, ::3],
-    "permuted-bf16": lambda: (
-        torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).permute(2, 0, 1)
-    ),
     "expanded": lambda: torch.tensor([1, 2, 3], dtype=torch.uint8).expand(4, 3),
     "storage-offset": lambda: torch.arange(10, dtype=torch.float16)[3:7],
     "column-bool": lambda: (torch.arange(12).reshape(3, 4) % 3 == 0)[:, 1],
 }
 
+# Dense tensors whose memory order is not C order: sent in their own order, received with the same strides.
+_PERMUTED: dict[str, Callable[[], torch.Tensor]] = {
+    "transposed": lambda: torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
+    "permuted-bf16": lambda: (
+        torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).permute(2, 0, 1)
+    ),
+    "channels-last": lambda: torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last),
+    "channels-last-3d": lambda: torch.randn(1, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+}
+
 
 @pytest.mark.parametrize("make", list(_NON_CONTIGUOUS.values()), ids=list(_NON_CONTIGUOUS))
-def test_non_contiguous_tensors_are_sent_in_c_order(make: Callable[[], torch.Tensor]) -> None:
+def test_non_dense_views_are_sent_in_c_order(make: Callable[[], torch.Tensor]) -> None:
     t = make()
     assert not t.is_contiguous() or t.storage_offset() > 0
     # On the wire it is exactly the C-order copy; decoded it equals the logical tensor.
     assert wire.encode(t) == wire.encode(t.contiguous())
     out = _round_trip(t)
     _assert_same_tensor(out, t.contiguous())
+    assert out.is_contiguous()
     assert torch.equal(out, t)
 
 
+@pytest.mark.parametrize("make", list(_PERMUTED.values()), ids=list(_PERMUTED))
+def test_memory_layout_survives_the_trip(make: Callable[[], torch.Tensor]) -> None:
+    t = make()
+    assert not t.is_contiguous()
+    body = wire.encode(t)
+    assert msgpack.unpackb(body).code == wire.STRIDED_TENSOR_EXT_TYPE
+    out = wire.decode(body)
+    _assert_same_tensor(out.contiguous(), t.contiguous())
+    assert out.stride() == t.stride()
+
+
+def test_a_view_of_channels_last_memory_arrives_channels_last() -> None:
+    """The VAE posterior's mean is a channel slice of channels-last moments on some CPUs: not dense, but laid
+    out channels-last. The UNet must receive it channels-last, as the pipeline's own tensor is (issue: a
+    contiguous copy made oneDNN pick other convolution kernels, 1/255 off diffusers)."""
+    moments = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    mean = moments.chunk(2, dim=1)[0]
+    assert mean.stride() == (512, 1, 64, 8)
+    out = _round_trip(mean)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, mean)
+    assert wire.dim_order(mean) == (0, 2, 3, 1)
+
+
+def test_strided_bytes_follow_the_documented_layout() -> None:
+    t = torch.arange(6, dtype=torch.int64).reshape(2, 3).t()  # (3, 2), column-major: dimension order (1, 0)
+    raw = np.arange(6, dtype="<i8").tobytes()  # the memory, outermost dimension (the original rows) first
+    payload = _payload("int64", [3, 2], bytes([1, 0]) + raw)
+    assert wire.encode(t) == _ext(payload, wire.STRIDED_TENSOR_EXT_TYPE)
+    out = wire.decode(_ext(payload, wire.STRIDED_TENSOR_EXT_TYPE))
+    assert out.tolist() == [[0, 3], [1, 4], [2, 5]] and out.stride() == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("order", "match"),
+    [(b"\x00\x00", "not a permutation"), (b"\x00\x02", "not a permutation"), (b"\x01", "truncated")],
+)
+def test_bad_dimension_orders_are_refused(order: bytes, match: str) -> None:
+    raw = b"\x00" * 8 * 6 if len(order) == 2 else b""
+    body = _ext(_payload("int64", [3, 2], order + raw), wire.STRIDED_TENSOR_EXT_TYPE)
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode(body)
+
+
 def test_encoded_bytes_follow_the_documented_layout() -> None:
-    t = torch.arange(6, dtype=torch.int64).reshape(2, 3).t()  # non-contiguous (3, 2)
+    t = torch.arange(12, dtype=torch.int64).reshape(3, 4)[:, 1:3]  # a non-dense (3, 2) view: C order
     raw = np.ascontiguousarray(t.numpy()).astype("<i8").tobytes(order="C")
     assert wire.encode(t) == _ext(_payload("int64", [3, 2], raw))
 
@@ -485,7 +538,7 @@ def test_unknown_dtype_names_are_rejected(name: bytes, no_tensor_allocation: Non
     assert "dtype" in str(err)
 
 
-@pytest.mark.parametrize("code", [0, 2, 5, 42, 127, -2, -128])
+@pytest.mark.parametrize("code", [0, 3, 5, 42, 127, -2, -128])
 def test_unknown_ext_type_codes_are_rejected(code: int) -> None:
     payload = _payload("uint8", [1], b"\x01")  # a valid tensor payload under the wrong code
     err = _reject(b"\x81\xa1t" + _ext8(code, payload))

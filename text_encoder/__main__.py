@@ -2,7 +2,8 @@
 
 import sys
 
-from central.cli import main
+from shared.serving.launcher import stage_main
+from text_encoder.app import build_app
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", "text-encoder", *sys.argv[1:]]))
+    sys.exit(stage_main("text_encoder", build_app))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
-from shared.protocol import EncodeRequest
+from shared.serving.app import build_stage_app
 from shared.settings import Settings, get_settings
-from shared.stage_app import build_stage_app, message_route
 from text_encoder.runtime import TextEncoderRuntime
 
 
@@ -14,12 +13,4 @@ def build_app(settings: Settings | None = None, runtime: TextEncoderRuntime | No
     """The text encoder app. Pass `runtime` to serve one already loaded (tests, embedded mode)."""
     owns_runtime = runtime is None
     runtime = runtime or TextEncoderRuntime(settings or get_settings())
-    router = APIRouter(tags=["text_encoder"])
-    message_route(
-        router,
-        "/v1/encode",
-        EncodeRequest,
-        "encode",
-        summary="Prompts to prompt_embeds (and negative_prompt_embeds)",
-    )
-    return build_stage_app(runtime, router, title="Triptych text encoder", owns_runtime=owns_runtime, settings=settings)
+    return build_stage_app(runtime, title="Triptych text encoder", owns_runtime=owns_runtime, settings=settings)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from shared.batching import MicroBatcher, Work
-from shared.models import fingerprint, load_component
+from shared.operations import ENCODE, Operation
 from shared.protocol import EncodeRequest, EncodeResponse
-from shared.runtime import StageRuntime
+from shared.serving.batching import Batcher, MicroBatcher
+from shared.serving.models import fingerprint, load_component
+from shared.serving.runtime import StageRuntime
 
 
 class EmbeddingCache:
@@ -69,16 +70,6 @@ class TextEncoderRuntime(StageRuntime):
 
     def _load(self, model: str) -> None:
         self.cache = EmbeddingCache(self.settings.embedding_cache_bytes)
-        self.batcher = self.own_batcher(
-            MicroBatcher(
-                "text-encode",
-                self._encode_many,
-                key=lambda r: None,  # all prompts are padded to the same length: any requests can share
-                size=lambda r: len(r.prompt),
-                max_items=self.settings.max_batch_size,
-                start=self.start_model_loop,
-            )
-        )
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = load_component(CLIPTokenizer, model, "tokenizer")
@@ -86,8 +77,15 @@ class TextEncoderRuntime(StageRuntime):
         self.fingerprint = fingerprint(text_encoder, self.tokenizer.get_vocab(), self.tokenizer.model_max_length)
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()  # no convolutions: no memory format
 
+    def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
+        # Every prompt is padded to the same length: any requests can share a forward.
+        self.batcher = MicroBatcher(
+            "text-encode", self.worker, self.encode_batch, size=lambda r: len(r.prompt), max_items=self.max_batch
+        )
+        return {ENCODE: self.batcher}
+
     def _warm_up(self) -> None:
-        self.encode(EncodeRequest(prompt=["warm up"]))
+        self.encode_batch([EncodeRequest(prompt=["warm up"])])
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         c = self.cache
@@ -133,22 +131,14 @@ class TextEncoderRuntime(StageRuntime):
                 self.cache.put(keys[i], out[j : j + 1].clone())
         return torch.cat([r for r in rows if r is not None])
 
-    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
-        if op == "encode" and self.settings.batching and self.ready:
-            return self.batcher.submit(message)
-        return None
-
     def encode(self, request: EncodeRequest) -> EncodeResponse:
-        """Embed ``prompt`` and, when guidance is on, ``negative_prompt`` (empty strings when absent).
-
-        Concurrent requests are micro-batched: their prompts go through the text encoder together.
-        """
-        if self.settings.batching and self.ready:
-            return self.batcher.run(request)
-        return self._encode_many([request])[0]
+        """``ENCODE`` through the batcher, blocking this thread until it is done."""
+        return self.run(ENCODE, request)
 
     @torch.inference_mode()
-    def _encode_many(self, requests: list[EncodeRequest]) -> list[EncodeResponse]:
+    def encode_batch(self, requests: list[EncodeRequest]) -> list[EncodeResponse]:
+        """Embed each request's ``prompt`` and, when guidance is on, its ``negative_prompt`` (empty strings when
+        absent): all prompts of all requests go through the text encoder together."""
         start = time.perf_counter()
         counts = [len(r.prompt) for r in requests]
         positives = self._embed([p for r in requests for p in r.prompt]).split(counts)

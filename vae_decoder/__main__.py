@@ -2,7 +2,8 @@
 
 import sys
 
-from central.cli import main
+from shared.serving.launcher import stage_main
+from vae_decoder.app import build_app
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", "vae-decoder", *sys.argv[1:]]))
+    sys.exit(stage_main("vae_decoder", build_app))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
-from shared.protocol import DecodeRequest, EncodeImageRequest
+from shared.serving.app import build_stage_app
 from shared.settings import Settings, get_settings
-from shared.stage_app import build_stage_app, message_route
 from vae_decoder.runtime import VaeRuntime
 
 
@@ -14,13 +13,4 @@ def build_app(settings: Settings | None = None, runtime: VaeRuntime | None = Non
     """The VAE decoder app. Pass `runtime` to serve one already loaded (tests, embedded mode)."""
     owns_runtime = runtime is None
     runtime = runtime or VaeRuntime(settings or get_settings())
-    router = APIRouter(tags=["vae_decoder"])
-    message_route(router, "/v1/decode", DecodeRequest, "decode", summary="Latents to uint8 images (B, H, W, 3)")
-    message_route(
-        router,
-        "/v1/encode-image",
-        EncodeImageRequest,
-        "encode_image",
-        summary="uint8 images (and mask) to the VAE posterior's moments (img2img / inpaint)",
-    )
-    return build_stage_app(runtime, router, title="Triptych VAE decoder", owns_runtime=owns_runtime, settings=settings)
+    return build_stage_app(runtime, title="Triptych VAE decoder", owns_runtime=owns_runtime, settings=settings)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import PIL.Image
 import torch
 
-from shared.batching import MicroBatcher, Work
 from shared.errors import InvalidValue
-from shared.models import fingerprint, load_component
+from shared.operations import DECODE, ENCODE_IMAGE, Operation
 from shared.protocol import DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse
-from shared.runtime import StageRuntime
+from shared.serving.batching import Batcher, MicroBatcher
+from shared.serving.models import fingerprint, load_component
+from shared.serving.runtime import StageRuntime
 
 
 class VaeRuntime(StageRuntime):
@@ -32,21 +32,25 @@ class VaeRuntime(StageRuntime):
         self.vae = self.place(vae)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        # Decodes run on the batcher's thread, image encodes on request threads: one at a time on the VAE.
-        self._model_lock = threading.Lock()
-        self.decode_batcher = self.own_batcher(
-            MicroBatcher(
-                "vae-decode",
-                self._decode_many,
-                key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
-                size=lambda r: int(r.latents.shape[0]),
-                max_items=self.settings.max_batch_size,
-                start=self.start_model_loop,
-            )
+
+    def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
+        self.decode_batcher = MicroBatcher(
+            "vae-decode",
+            self.worker,
+            self.decode_batch,
+            key=lambda r: (tuple(r.latents.shape[1:]), r.latents.dtype),
+            size=lambda r: int(r.latents.shape[0]),
+            max_items=self.max_batch,
+            check=self._check_latents,
         )
+        # The pipelines encode init images one at a time (each with its own generator): nothing to share.
+        self.encode_image_batcher = MicroBatcher(
+            "vae-encode-image", self.worker, self.encode_image_batch, max_items=1, check=self._check_images
+        )
+        return {DECODE: self.decode_batcher, ENCODE_IMAGE: self.encode_image_batcher}
 
     def _warm_up(self) -> None:
-        self.decode(DecodeRequest(latents=torch.zeros(1, self.vae.config.latent_channels, 8, 8)))
+        self.decode_batch([DecodeRequest(latents=torch.zeros(1, self.vae.config.latent_channels, 8, 8))])
 
     def config(self) -> dict[str, Any]:
         cfg = self.vae.config
@@ -58,20 +62,12 @@ class VaeRuntime(StageRuntime):
         }
 
     def decode(self, request: DecodeRequest) -> DecodeResponse:
-        """``latents`` (B, C, h, w) as the UNet returns them -> ``uint8`` images (B, 8h, 8w, 3).
+        """``DECODE`` through the batcher, blocking this thread until it is done."""
+        return self.run(DECODE, request)
 
-        Concurrent decodes of equal latent shape are micro-batched into one VAE forward.
-        """
-        self._check_latents(request)
-        if self.settings.batching and self.ready:
-            return self.decode_batcher.run(request)
-        return self._decode_many([request])[0]
-
-    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
-        if op == "decode" and self.settings.batching and self.ready:
-            self._check_latents(message)
-            return self.decode_batcher.submit(message)
-        return None
+    def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
+        """``ENCODE_IMAGE`` through the batcher, blocking this thread until it is done."""
+        return self.run(ENCODE_IMAGE, request)
 
     def _check_latents(self, request: DecodeRequest) -> None:
         channels = self.vae.config.latent_channels
@@ -80,14 +76,25 @@ class VaeRuntime(StageRuntime):
                 f"`latents` have {request.latents.shape[1]} channels but this VAE takes {channels}", param="latents"
             )
 
-    @torch.inference_mode()
-    def _decode_many(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
-        with self._model_lock:
-            return self._decode_locked(requests)
+    def _check_images(self, request: EncodeImageRequest) -> None:
+        height, width = int(request.images.shape[1]), int(request.images.shape[2])
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise InvalidValue(
+                f"`images` height and width have to be divisible by {self.vae_scale_factor} but are "
+                f"{height} and {width}.",
+                param="images",
+            )
 
-    def _decode_locked(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
+    @torch.inference_mode()
+    def decode_batch(self, requests: list[DecodeRequest]) -> list[DecodeResponse]:
+        """Latents (B, C, h, w) as the UNet returns them -> ``uint8`` images (B, h * factor, w * factor, 3),
+        as the pipeline's ``vae.decode`` + ``image_processor.postprocess`` + ``numpy_to_pil``; all requests in
+        one VAE forward."""
         start = time.perf_counter()
-        latents = torch.cat([r.latents for r in requests]).to(self.device, self.dtype)
+        # Each request's latents as the UNet sent them, layout included (SPEC §8): a lone request is decoded
+        # from exactly the tensor the pipeline would decode.
+        latents = requests[0].latents if len(requests) == 1 else torch.cat([r.latents for r in requests])
+        latents = latents.to(self.device, self.dtype)
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         # What output_type="pil" does: the processor's float HWC array, then numpy_to_pil's rounding.
         pixels = self.image_processor.postprocess(image, output_type="np")
@@ -99,21 +106,12 @@ class VaeRuntime(StageRuntime):
         return [DecodeResponse(images=part, decode_ms=elapsed) for part in parts]
 
     @torch.inference_mode()
-    def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
-        """uint8 images (B, H, W, 3) -> the VAE posterior's mean and std (B, C, H/8, W/8), one image at a time
+    def encode_image_batch(self, requests: list[EncodeImageRequest]) -> list[EncodeImageResponse]:
+        """uint8 images (B, H, W, 3) -> the VAE posterior's mean and std (B, C, H/f, W/f), one image at a time
         as the img2img/inpaint pipelines encode them. With a mask, also the moments of the masked image."""
-        images = request.images
-        height, width = int(images.shape[1]), int(images.shape[2])
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise InvalidValue(
-                f"`images` height and width have to be divisible by {self.vae_scale_factor} but are "
-                f"{height} and {width}.",
-                param="images",
-            )
-        with self._model_lock:
-            return self._encode_image_locked(request, height, width)
+        return [self._encode_image(request) for request in requests]
 
-    def _encode_image_locked(self, request: EncodeImageRequest, height: int, width: int) -> EncodeImageResponse:
+    def _encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
         images = request.images
         start = time.perf_counter()
         # The pipelines' own preprocessing: PIL -> float in [-1, 1]. The size is already final, so no resize.
@@ -134,12 +132,14 @@ class VaeRuntime(StageRuntime):
         return EncodeImageResponse(**out, encode_ms=(time.perf_counter() - start) * 1000)
 
     def _moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        for i in range(pixels.shape[0]):
-            dist = self.vae.encode(pixels[i : i + 1]).latent_dist
-            means.append(dist.mean.contiguous())
-            stds.append(dist.std.contiguous())
-        return torch.cat(means), torch.cat(stds)
+        """Each image's posterior mean and std, in the memory layout the VAE produced them in: the UNet samples
+        init latents from them, and on CPUs where the VAE answers channels-last the pipeline's init latents,
+        and so the UNet's first input, are channels-last too (the wire keeps the layout)."""
+        if pixels.shape[0] == 1:
+            dist = self.vae.encode(pixels).latent_dist
+            return dist.mean, dist.std
+        dists = [self.vae.encode(pixels[i : i + 1]).latent_dist for i in range(pixels.shape[0])]
+        return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         b = self.decode_batcher

@@ -30,7 +30,8 @@ TINY_MODEL_NAME = "tiny-sd-random-v1"
 
 @dataclass(frozen=True)
 class TinyPreset:
-    """Sizes of a random-weight SD-1.x-shaped model. ``tiny`` is for tests, ``sd15`` has SD-1.5 payloads."""
+    """Sizes of a random-weight SD-1.x-shaped model. The VAE's downsampling factor is
+    ``2 ** (len(vae_channels) - 1)``, as diffusers computes it."""
 
     text_hidden: int
     text_layers: int
@@ -38,14 +39,26 @@ class TinyPreset:
     unet_channels: tuple[int, int]
     unet_heads: int
     sample_size: int
-    vae_channels: tuple[int, int, int, int]
+    vae_channels: tuple[int, ...]
+    layers_per_block: int = 1
+    norm_num_groups: int = 4
+    text_intermediate: int | None = None  # default 4 x text_hidden
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae_channels) - 1))
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # 64x64 images from 8x8 latents: the whole loop runs in milliseconds on a CPU.
+    # 64x64 images from 8x8 latents (VAE factor 8): the whole loop runs in milliseconds on a CPU.
     "tiny": TinyPreset(32, 2, 4, (8, 16), 4, 8, (8, 8, 8, 8)),
     # The payloads of SD-1.5 (77x768 embeddings, 4x64x64 latents, 512x512 images) with little compute.
     "sd15": TinyPreset(768, 1, 12, (32, 64), 8, 64, (8, 16, 16, 16)),
+    # The sizes of diffusers' own pipeline tests (StableDiffusionPipelineFastTests.get_dummy_components):
+    # a VAE that downsamples by 2, so 64x64 images come from 32x32 latents.
+    "diffusers-tiny": TinyPreset(
+        32, 5, 4, (32, 64), 8, 32, (32, 64), layers_per_block=2, norm_num_groups=32, text_intermediate=37
+    ),
 }
 
 
@@ -95,7 +108,7 @@ def create_tiny(path: str | Path, *, preset: str = "tiny", inpainting: bool = Fa
             eos_token_id=1,
             pad_token_id=1,
             hidden_size=p.text_hidden,
-            intermediate_size=p.text_hidden * 4,
+            intermediate_size=p.text_intermediate or p.text_hidden * 4,
             num_attention_heads=p.text_heads,
             num_hidden_layers=p.text_layers,
             vocab_size=len(tokenizer),
@@ -108,23 +121,23 @@ def create_tiny(path: str | Path, *, preset: str = "tiny", inpainting: bool = Fa
         in_channels=9 if inpainting else 4,
         out_channels=4,
         block_out_channels=p.unet_channels,
-        layers_per_block=1,
+        layers_per_block=p.layers_per_block,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=p.text_hidden,
         attention_head_dim=p.unet_heads,
-        norm_num_groups=4,
+        norm_num_groups=p.norm_num_groups,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=list(p.vae_channels),
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
+        down_block_types=["DownEncoderBlock2D"] * len(p.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(p.vae_channels),
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=p.sample_size * 8,
+        norm_num_groups=min(p.norm_num_groups, *p.vae_channels),
+        sample_size=p.sample_size * p.vae_scale_factor,
         scaling_factor=0.18215,
     )
     # SD-1.5's own scheduler configuration.
@@ -202,6 +215,21 @@ def load_component(cls: Any, model: str, subfolder: str) -> Any:
     if local.exists() and not (local / subfolder).is_dir():
         raise FileNotFoundError(f"model directory has no `{subfolder}/` component")
     return cls.from_pretrained(model, subfolder=subfolder)
+
+
+def vae_scale_factor(model: str) -> int:
+    """How many pixels one latent covers along each side, from the model's VAE config as the pipelines compute
+    it (``2 ** (len(vae.config.block_out_channels) - 1)``: 8 for SD, 2 for diffusers' tiny test models). Only
+    the config is read, never the VAE's weights. A model directory without a ``vae/`` falls back to 8, the
+    pipelines' own default without a VAE; central's compatibility check compares it with the VAE stage's."""
+    from diffusers import AutoencoderKL
+
+    local = Path(model)
+    if local.exists() and not (local / "vae").is_dir():
+        log.warning("model has no vae/ folder: assuming a VAE scale factor of 8")
+        return 8
+    config = AutoencoderKL.load_config(model, subfolder="vae")
+    return int(2 ** (len(config["block_out_channels"]) - 1))  # type: ignore[call-overload]
 
 
 def fingerprint(module: torch.nn.Module | None = None, *extra: Any) -> str:

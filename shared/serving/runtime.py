@@ -1,72 +1,38 @@
 """The base of the three stage runtimes: objects that own torch models and know nothing of HTTP.
 
-A runtime is what a stage's FastAPI app serves and also what ``LocalTransport`` runs in-process, so
-"remote stage" and "local stage" are one interface with two transports.
+A runtime is what a stage's FastAPI app serves and also what central's ``LocalTransport`` runs in-process, so
+"remote stage" and "local stage" are one interface with two transports. Each runtime declares one batcher per
+operation it serves (``shared.operations``); every request reaches the model through it, on the model thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Protocol, TypeVar
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from shared import __version__
-from shared.batching import Work
 from shared.errors import Overloaded, StageUnavailable
-from shared.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
-from shared.protocol import ModelRef, StageInfo
+from shared.operations import OPERATIONS, Operation, StageName
+from shared.protocol import ModelRef, StageInfo, StageRequest, WireModel
+from shared.serving.batching import Batcher, ModelWorker, Work
+from shared.serving.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
 from shared.settings import Settings
-
-_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("triptych_cancel", default=None)
-
-
-def cancel_requested() -> bool:
-    """Inside work started by ``StageRuntime.run``: whether the request was abandoned by its caller."""
-    token = _CANCEL.get()
-    return token is not None and token.is_set()
-
-
-def cancel_token() -> threading.Event | None:
-    """The current request's cancellation event (set when its caller goes away), if any."""
-    return _CANCEL.get()
-
 
 log = logging.getLogger("triptych.runtime")
 
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-B = TypeVar("B", bound=_Closable)
+Req = TypeVar("Req", bound=StageRequest)
+Resp = TypeVar("Resp", bound=WireModel)
 
 
-def _perform(work: Work, fn: Callable[[Any], Any], message: Any) -> None:
-    """On a worker thread: ``fn(message)`` into ``work``, unless its caller gave up while it was queued."""
-    if not work.start():
-        return
-    try:
-        result = fn(message)
-    except BaseException as exc:
-        work.finish(error=exc)
-    else:
-        work.finish(result)
+class StageRuntime(ABC):
+    """Loads one stage's components and runs all of its compute on one model thread."""
 
-
-class StageRuntime:
-    """Loads one stage's components and runs its compute on a single worker thread.
-
-    One worker thread per runtime keeps torch work off the event loop (health endpoints answer while a
-    request computes) and serialises requests, so no module or scheduler is ever used by two at once.
-    """
-
-    stage: ClassVar[str]
+    stage: ClassVar[StageName]
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -77,24 +43,25 @@ class StageRuntime:
         self.random_weights = False
         self._ready = threading.Event()
         self._load_error: str | None = None
+        self.worker = ModelWorker(f"{self.stage}-model")
+        self._batchers: dict[str, Batcher[Any, Any]] = {}
         # Requests admitted (queued or computing); past settings.max_queue new ones get 429.
         self._in_flight = 0
-        # One thread loads, warms up and runs the torch calls: torch's OpenMP keeps a worker pool per calling
-        # thread; with a second pool the UNet took 308-322 ms a step vs 223-283 (benchmarks.md). With batching
-        # on, that thread runs the stage's batcher loops, which batched operations are handed to straight from
-        # the event loop; operations without a batcher (the VAE's encode_image) run on ``_waiters`` under the
-        # stage's model lock. With batching off, every request runs on the model thread, one at a time.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.stage}-model")
-        self._batchers: list[_Closable] = []
-        self._waiters = (
-            ThreadPoolExecutor(max_workers=settings.max_queue + 1, thread_name_prefix=f"{self.stage}-request")
-            if settings.batching
-            else None
-        )
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def operations(self) -> tuple[Operation[Any, Any], ...]:
+        return OPERATIONS[self.stage]
+
+    @property
+    def max_batch(self) -> int:
+        """Images (prompts, for the text encoder) one forward may hold; 1 with batching off."""
+        return self.settings.max_batch_size if self.settings.batching else 1
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
-        """Resolve the model and load this stage's components (blocking; call from a worker thread)."""
+        """Resolve the model, load this stage's components and warm up (blocking; ``load_async`` runs it on
+        the model thread, where the compute will run)."""
         try:
             if self.settings.cpu_threads:
                 torch.set_num_threads(self.settings.cpu_threads)
@@ -104,6 +71,10 @@ class StageRuntime:
             # Not under inference_mode: parameters created there lose requires_grad, and that alone changes
             # which CPU kernels run (1e-6 off, 1/255 in pixels) versus the pipeline's own loading.
             self._load(model)
+            batchers = self._make_batchers()
+            if set(batchers) != set(self.operations):
+                raise RuntimeError(f"{self.stage} must have one batcher per operation: {self.operations}")
+            self._batchers = {op.name: batcher for op, batcher in batchers.items()}
             self._warm_up()
         except Exception as exc:
             # The details (paths included) go to the log only; clients see the kind of failure.
@@ -117,18 +88,24 @@ class StageRuntime:
             self.model_id,
             self.fingerprint,
             self.device,
-            self.dtype,
+            str(self.dtype).removeprefix("torch."),
         )
 
     async def load_async(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._model_thread, self.load)
+        await asyncio.wrap_future(self.worker.call(self.load))
 
-    def start_model_loop(self, loop: Callable[[], None]) -> None:
-        """Run a batcher's loop on the model thread (after loading, which it waits behind). One per stage."""
-        self._model_thread.submit(loop)
-
+    @abstractmethod
     def _load(self, model: str) -> None:
-        raise NotImplementedError
+        """Load this stage's components from ``model`` (a diffusers directory or hub id)."""
+
+    @abstractmethod
+    def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
+        """One batcher per operation of this stage, on ``self.worker`` with ``self.max_batch``."""
+
+    @abstractmethod
+    def _warm_up(self) -> None:
+        """One small pass so the first real request does not pay for lazy initialisation (on the loading thread,
+        with the compute methods directly: the batchers' loop has not started)."""
 
     @property
     def channels_last(self) -> bool:
@@ -143,9 +120,6 @@ class StageRuntime:
             module = module.to(memory_format=torch.channels_last)
         return module
 
-    def _warm_up(self) -> None:
-        """One small pass so the first real request does not pay for lazy initialisation."""
-
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -155,81 +129,77 @@ class StageRuntime:
             reason = f"model failed to load ({self._load_error})" if self._load_error else "model is loading"
             raise StageUnavailable(f"{self.stage} is not ready: {reason}", headers={"Retry-After": "5"})
 
-    def own_batcher(self, batcher: B) -> B:
-        """Register a batcher of this stage (its loop runs on the model thread): ``close()`` stops it."""
-        self._batchers.append(batcher)
-        return batcher
-
     def close(self) -> None:
-        for batcher in self._batchers:
-            batcher.close()
-        if self._waiters is not None:
-            self._waiters.shutdown(wait=False, cancel_futures=True)
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self.worker.close()
 
     # ------------------------------------------------------------------ execution
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    def submit(self, op: str, message: Any, cancel: threading.Event) -> Work | None:
-        """Hand ``message`` to the stage's batcher for operation ``op`` without blocking, or return None when
-        ``op`` is not batched (then ``execute`` runs the method on a thread). Stages with batchers override it;
-        setting ``cancel`` tells the batcher the caller went away."""
-        return None
+    def submit(self, op: Operation[Req, Resp], message: Req) -> Work:
+        """Hand ``message`` to ``op``'s batcher without blocking; the ``Work`` completes with an ``op.response``.
 
-    async def execute(self, op: str, message: Any) -> Work:
-        """Run operation ``op`` (the method of that name: ``encode``, ``denoise``, ...) on ``message``, off the
-        event loop; returns the finished ``Work`` (result and timings). What the HTTP route and
-        ``LocalTransport`` both call.
-
-        Batched operations go straight to the batcher on the model thread and the event loop awaits their
-        result: no thread in between. The others run on a thread (the model thread itself when batching is
-        off). Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
-        Retry-After) instead of queueing without limit. If the caller is cancelled (its client went away), the
-        work is dropped if still queued, and otherwise ``cancel_requested()`` turns true inside it, so long
-        work such as the denoise loop stops early.
+        Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
+        Retry-After) instead of queueing without limit.
         """
-        if self._in_flight >= self.settings.max_queue:
-            raise Overloaded(
-                f"{self.stage} is at capacity: {self._in_flight} requests admitted "
-                f"(max_queue={self.settings.max_queue}); retry later",
-                retry_after_s=1,
-            )
-        token = threading.Event()
-        self._in_flight += 1
+        self.check_ready()
+        with self._in_flight_lock:
+            if self._in_flight >= self.settings.max_queue:
+                raise Overloaded(
+                    f"{self.stage} is at capacity: {self._in_flight} requests admitted "
+                    f"(max_queue={self.settings.max_queue}); retry later",
+                    retry_after_s=1,
+                )
+            self._in_flight += 1
         try:
-            work = self.submit(op, message, token)
-            if work is None:
-                work = Work()
-                ctx = contextvars.copy_context()
-                ctx.run(_CANCEL.set, token)
-                (self._waiters or self._model_thread).submit(ctx.run, _perform, work, getattr(self, op), message)
-            try:
-                await asyncio.wrap_future(work)
-            except asyncio.CancelledError:
-                token.set()
-                raise
-            return work
-        finally:
+            work = self._batchers[op.name].submit(message)
+        except BaseException:
+            self._released()
+            raise
+        work.add_done_callback(self._released)
+        return work
+
+    def _released(self, _: object = None) -> None:
+        with self._in_flight_lock:
             self._in_flight -= 1
 
-    async def call(self, op: str, message: Any) -> Any:
+    async def execute(self, op: Operation[Req, Resp], message: Req) -> Work:
+        """Run ``op`` on ``message`` and return the finished ``Work`` (result and timings): what the HTTP
+        route and ``LocalTransport`` both call. The event loop awaits the model thread directly. If the caller
+        is cancelled (its client went away), the work is abandoned: dropped if still queued, and the denoise
+        loop stops before its next step."""
+        work = self.submit(op, message)
+        try:
+            await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            work.abandon()
+            raise
+        return work
+
+    async def call(self, op: Operation[Req, Resp], message: Req) -> Resp:
         """``execute(op, message)``'s result."""
-        return (await self.execute(op, message)).result()
+        result: Resp = (await self.execute(op, message)).result()
+        return result
+
+    def run(self, op: Operation[Req, Resp], message: Req) -> Resp:
+        """``op`` on ``message``, blocking the calling thread until the model thread has answered."""
+        result: Resp = self.submit(op, message).result()
+        return result
 
     def stats(self) -> dict[str, tuple[str, str, float]]:
         """Counters for /metrics: name -> (``"counter"`` or ``"gauge"``, help text, value)."""
         return {"requests_admitted": ("gauge", "Requests queued or computing in this stage", self._in_flight)}
 
     # ------------------------------------------------------------------ info
+    @abstractmethod
     def config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What other stages must agree with (SPEC §5), for ``/v1/info``."""
 
     def info(self) -> StageInfo:
         self.check_ready()
         return StageInfo(
-            stage=self.stage,  # type: ignore[arg-type]
+            stage=self.stage,
             model=ModelRef(id=self.model_id, fingerprint=self.fingerprint),
             config=self.config(),
             device=str(self.device),

@@ -1,0 +1,75 @@
+"""HTTP plumbing every Triptych server shares (central included): bounded bodies, msgpack replies, and
+abandoning work whose caller hung up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from shared import wire
+from shared.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType
+from shared.protocol import parse_message
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+log = logging.getLogger("triptych.http")
+DISCONNECT_POLL_S = 0.25
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                raise PayloadTooLarge(f"body is {declared} bytes; at most {max_bytes} are allowed")
+        except ValueError:
+            raise MalformedRequest("Content-Length is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_message(request: Request, model: type[M], limits: wire.Limits) -> M:
+    """A msgpack request body as a validated ``model`` (415 for another content type)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != wire.CONTENT_TYPE:
+        raise UnsupportedMediaType(f"Content-Type must be {wire.CONTENT_TYPE}, got {content_type or 'none'}")
+    return parse_message(await read_body(request, limits.max_body_bytes), model, limits)
+
+
+class MsgpackResponse(Response):
+    media_type = wire.CONTENT_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return wire.encode(content)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` while checking every DISCONNECT_POLL_S that the caller is still connected. If it has gone
+    (a client hung up, central timed out), cancel the work and return None: a stage drops queued work and the
+    UNet batcher a running job before its next step; in central, cancelling closes the hop's connection, so
+    the stage working on it stops too."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                log.info("%s: caller disconnected; request abandoned", request.url.path)
+                return None
+    except asyncio.CancelledError:  # this request itself was cancelled (server shutting down)
+        task.cancel()
+        raise
+    return task.result()

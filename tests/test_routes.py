@@ -1,0 +1,117 @@
+"""Every route of every service, enumerated from the apps themselves: a GET answers below 500, a POST with a
+body that is not a valid message answers a 4xx envelope. A route added without a thought for its errors
+(the UNet's /v1/schedulers once answered 500 to every call) fails here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from central.app import build_app as central_app
+from diffusion_unet.app import build_app as unet_app
+from shared.settings import Settings
+from tests.helpers import assert_envelope, local_orchestrator
+from text_encoder.app import build_app as te_app
+from vae_decoder.app import build_app as vae_app
+
+# What each service serves (besides /metrics and FastAPI's /docs, /redoc, /openapi.json). Adding a route
+# means adding it here, next to the tests of what it does.
+ROUTES = {
+    "central": {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/info"),
+        ("GET", "/v1/schedulers"),
+        ("POST", "/v1/txt2img"),
+        ("POST", "/v1/img2img"),
+        ("POST", "/v1/inpaint"),
+        ("POST", "/v1/outpaint"),
+    },
+    "text_encoder": {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/info"), ("POST", "/v1/encode")},
+    "diffusion_unet": {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/info"),
+        ("GET", "/v1/schedulers"),
+        ("POST", "/v1/denoise"),
+    },
+    "vae_decoder": {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/info"),
+        ("POST", "/v1/decode"),
+        ("POST", "/v1/encode-image"),
+    },
+}
+FRAMEWORK = {"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+@pytest.fixture(scope="module")
+def clients(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> Iterator[dict[str, TestClient]]:
+    apps = {
+        "central": central_app(
+            settings, orchestrator=local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+        ),
+        "text_encoder": te_app(settings, te_runtime),
+        "diffusion_unet": unet_app(settings, unet_runtime),
+        "vae_decoder": vae_app(settings, vae_runtime),
+    }
+    with (
+        TestClient(apps["central"]) as central,
+        TestClient(apps["text_encoder"]) as te,
+        TestClient(apps["diffusion_unet"]) as unet,
+        TestClient(apps["vae_decoder"]) as vae,
+    ):
+        yield {"central": central, "text_encoder": te, "diffusion_unet": unet, "vae_decoder": vae}
+
+
+def routes_of(client: TestClient) -> set[tuple[str, str]]:
+    """Every (method, path) the app documents in its OpenAPI schema: all its routes but /metrics."""
+    paths = client.get("/openapi.json").json()["paths"]
+    return {(method.upper(), path) for path, ops in paths.items() for method in ops}
+
+
+@pytest.mark.parametrize("service", list(ROUTES))
+def test_every_route_is_known(clients: dict[str, TestClient], service: str) -> None:
+    assert routes_of(clients[service]) == ROUTES[service]
+
+
+@pytest.mark.parametrize("service", list(ROUTES))
+def test_every_get_route_answers(clients: dict[str, TestClient], service: str) -> None:
+    client = clients[service]
+    for method, path in sorted(ROUTES[service]):
+        if method == "GET":
+            r = client.get(path)
+            assert r.status_code == 200, (service, path, r.status_code, r.text[:300])
+    for path in sorted(FRAMEWORK - {"/docs/oauth2-redirect"}):
+        assert client.get(path).status_code == 200, (service, path)
+
+
+@pytest.mark.parametrize("service", list(ROUTES))
+def test_every_post_route_refuses_a_bad_body_with_a_4xx_envelope(clients: dict[str, TestClient], service: str) -> None:
+    client = clients[service]
+    for method, path in sorted(ROUTES[service]):
+        if method != "POST":
+            continue
+        content_type = "application/json" if service == "central" else "application/msgpack"
+        for body in (b"", b"\xc1", b"[1, 2"):
+            r = client.post(path, content=body, headers={"content-type": content_type})
+            assert 400 <= r.status_code < 500, (service, path, body, r.status_code, r.text[:300])
+            assert_envelope(r, r.status_code)
+        r = client.post(path, content=b"x", headers={"content-type": "text/plain"})
+        assert_envelope(r, 415)
+
+
+@pytest.mark.parametrize("service", ["central", "diffusion_unet"])
+def test_schedulers_of_a_named_unet(clients: dict[str, TestClient], service: str) -> None:
+    client = clients[service]
+    base = client.get("/v1/schedulers").json()
+    assert {"name", "aliases", "options"} <= set(base[0])
+    assert client.get("/v1/schedulers", params={"model": "base"}).json() == base
+    err = assert_envelope(client.get("/v1/schedulers", params={"model": "nope"}), 422, param="model")
+    assert "base" in err["message"]
