@@ -32,7 +32,7 @@ from central.clients import (
 )
 from central.images import read_form
 from central.pipeline import Generation, Orchestrator
-from shared import __version__
+from shared import __version__, wire
 from shared.errors import (
     InvalidValue,
     MalformedRequest,
@@ -56,10 +56,11 @@ FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 
 def http_orchestrator(settings: Settings) -> Orchestrator:
     """Clients for three stage services at the configured URLs, each hop with its operation's timeout."""
+    limits = wire.Limits(max_body_bytes=settings.max_body_bytes)  # a stage's reply is bounded like a request
     return Orchestrator(
-        TextEncoderClient(HttpTransport("text_encoder", settings.text_encoder_url, settings)),
-        UNetClient(HttpTransport("diffusion_unet", settings.diffusion_unet_url, settings)),
-        VaeClient(HttpTransport("vae_decoder", settings.vae_decoder_url, settings)),
+        TextEncoderClient(HttpTransport("text_encoder", settings.text_encoder_url, settings, limits=limits)),
+        UNetClient(HttpTransport("diffusion_unet", settings.diffusion_unet_url, settings, limits=limits)),
+        VaeClient(HttpTransport("vae_decoder", settings.vae_decoder_url, settings, limits=limits)),
         settings,
     )
 

@@ -139,10 +139,16 @@ def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, s
 
 
 def prepare_job(
-    req: DenoiseRequest, variant: UNetVariant, scheduler: Any, device: torch.device, dtype: torch.dtype
+    req: DenoiseRequest,
+    variant: UNetVariant,
+    scheduler: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    started: float | None = None,
 ) -> DenoiseJob:
-    """Steps 3-6 for one request: embeddings, timesteps, initial latents (per task), step kwargs."""
-    start = time.perf_counter()
+    """Steps 3-6 for one request: embeddings, timesteps, initial latents (per task), step kwargs. ``started``
+    (default: now) is when the request's compute began, for ``denoise_ms``."""
+    start = time.perf_counter() if started is None else started
     n, batch = req.num_images_per_prompt, req.batch_size
 
     # 3. Embeddings: one row per image, negatives first (the order diffusers concatenates them in).

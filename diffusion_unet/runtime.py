@@ -8,6 +8,7 @@ the loop itself (per-task preparation and one step).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,7 @@ class UNetRuntime(StageRuntime):
 
     def prepare(self, req: DenoiseRequest) -> DenoiseJob:
         """A request's denoise job: its variant, a fresh scheduler, and the task's initial latents."""
+        started = time.perf_counter()  # building the scheduler (~2 ms) is part of the request's compute
         variant = self.variant(req.model)
         scheduler = self.make_scheduler(variant, req.scheduler, req.seeds)
-        return prepare_job(req, variant, scheduler, self.device, self.dtype)
+        return prepare_job(req, variant, scheduler, self.device, self.dtype, started)

@@ -131,7 +131,7 @@ def test_txt2img_matches_diffusers_at_any_thread_count(threaded: dict[str, Any])
 
 def test_txt2img_with_channels_last_modules_matches_diffusers(settings: Settings, tiny_model: Path) -> None:
     """TRIPTYCH_CHANNELS_LAST (the CUDA default) against a pipeline whose UNet and VAE are channels-last too:
-    latents come out of the UNet channels-last and must reach the VAE that way."""
+    whatever layout the latents come out of the UNet in, they must reach the VAE in it."""
     cl = load_runtimes(settings.model_copy(update={"channels_last": True}))
     pipe = pipelines(tiny_model)["txt2img"]
     pipe.unet.to(memory_format=torch.channels_last)

@@ -1,4 +1,4 @@
-"""Every route of every service, enumerated from the apps themselves: a GET answers below 500, a POST with a
+"""Every route of every service, enumerated from the apps themselves: a GET answers 200, a POST with a
 body that is not a valid message answers a 4xx envelope. A route added without a thought for its errors
 (the UNet's /v1/schedulers once answered 500 to every call) fails here."""
 

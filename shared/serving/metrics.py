@@ -124,7 +124,7 @@ class Metrics:
         self.denoise_steps = Counter("triptych_denoise_steps", "Denoising iterations run", svc, registry=r)
         self.hop_seconds = Histogram(
             "triptych_stage_hop_seconds",
-            "central: one stage call, until the stage's response headers",
+            "central: one stage call, from sending the request to having read the whole reply",
             ["stage", "op", "status"],
             buckets=HTTP_BUCKETS,
             registry=r,
