@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path = Field(default=Path.home() / ".cache" / "triptych")
+    embeddings_dir: Path | None = Field(
+        default=None,
+        description="Text encoder: textual-inversion .safetensors files, loaded at start; the trigger word is "
+        "the file stem, as in A1111.",
+    )
     unet_variants: str = Field(
         default="",
         description="Extra UNets as name=path,... (model dir or bare UNet folder); inpaint uses `inpainting`.",

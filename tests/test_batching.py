@@ -357,12 +357,13 @@ def test_concurrent_encodes_are_batched_and_a_bad_one_fails_alone(te_runtime) ->
     batches = batcher.batches
     gate = threading.Event()
     original = te_runtime._embed
+    boom = te_runtime.plan("boom")
 
-    def held(texts):  # type: ignore[no-untyped-def]
+    def held(plans):  # type: ignore[no-untyped-def]
         gate.wait(30)
-        if "boom" in texts:
+        if boom in plans:
             raise ValueError("boom")
-        return original(texts)
+        return original(plans)
 
     te_runtime._embed = held
     try:

@@ -1,24 +1,36 @@
-"""The text-encoder stage: CLIP tokenizer + text encoder, nothing else."""
+"""The text-encoder stage: CLIP tokenizer + text encoder, textual-inversion embeddings, and A1111 prompt syntax
+(emphasis weights, prompts longer than 77 tokens; ``prompts.py``)."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.loaders import TextualInversionLoaderMixin
 
+from shared.errors import InvalidValue, TriptychError
 from shared.operations import ENCODE, Operation
 from shared.protocol import EncodeRequest, EncodeResponse
+from shared.serving.adapters import AdapterRoot
 from shared.serving.batching import Batcher, MicroBatcher
 from shared.serving.models import fingerprint, load_component
 from shared.serving.runtime import StageRuntime
+from text_encoder import prompts
+
+log = logging.getLogger("triptych.text_encoder")
+CacheKey = tuple[str, tuple[int, ...]]
 
 
 class EmbeddingCache:
-    """An LRU of prompt embeddings keyed by (model fingerprint, exact token ids), bounded in bytes.
+    """An LRU of the text encoder's output for one 77-token row, keyed by (state, exact token ids), bounded in
+    bytes. The state is the model fingerprint plus the textual-inversion embeddings loaded: everything else
+    that determines the output (weights, chunking) is applied after the cache.
 
     Keys are token ids, not text: two spellings that tokenize alike share an entry, and a different model
     (fingerprint) never sees another's embeddings. The empty negative prompt is the usual first hit.
@@ -29,10 +41,10 @@ class EmbeddingCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, tuple[int, ...]]) -> torch.Tensor | None:
+    def get(self, key: CacheKey) -> torch.Tensor | None:
         with self._lock:
             value = self._entries.get(key)
             if value is None:
@@ -42,7 +54,7 @@ class EmbeddingCache:
             self.hits += 1
             return value
 
-    def put(self, key: tuple[str, tuple[int, ...]], value: torch.Tensor) -> None:
+    def put(self, key: CacheKey, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
@@ -63,6 +75,42 @@ class EmbeddingCache:
                 "hits": self.hits, "misses": self.misses}  # fmt: skip
 
 
+class _TextualInversionLoader(TextualInversionLoaderMixin):
+    """diffusers' own textual-inversion loader, applied to a bare tokenizer and text encoder (no pipeline)."""
+
+    def __init__(self) -> None:
+        self.hf_device_map = None
+        self.components: dict[str, Any] = {}  # no pipeline components to offload around the loading
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """How one prompt is encoded: one or more 77-token rows, per row the token weights (None: all 1) and how
+    many of its tokens are not padding (the attention mask of models that use one)."""
+
+    rows: tuple[tuple[int, ...], ...]
+    weights: tuple[tuple[float, ...] | None, ...]
+    lengths: tuple[int, ...]
+
+    def padded(self, n: int, empty: PromptPlan) -> PromptPlan:
+        """``n`` rows: the prompt's, then rows of the empty prompt (CFG needs equal lengths)."""
+        extra = n - len(self.rows)
+        return PromptPlan(
+            self.rows + empty.rows * extra, self.weights + empty.weights * extra, self.lengths + empty.lengths * extra
+        )
+
+
+def restore_mean(z: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """A1111's emphasis on one chunk: scale each token's embedding by its weight, then rescale the chunk so its
+    mean is what it was. The rescale is left out where either mean is 0 or not finite (0 / 0)."""
+    original = z.mean()
+    z = z * torch.tensor(weights, dtype=z.dtype, device=z.device).reshape(1, -1, 1)
+    weighted = z.mean()
+    if bool(original != 0) and bool(weighted != 0) and bool(torch.isfinite(original / weighted)):
+        z = z * (original / weighted)
+    return z
+
+
 class TextEncoderRuntime(StageRuntime):
     """Turns prompts into ``prompt_embeds`` exactly as ``StableDiffusionPipeline.encode_prompt`` does."""
 
@@ -75,7 +123,34 @@ class TextEncoderRuntime(StageRuntime):
         self.tokenizer = load_component(CLIPTokenizer, model, "tokenizer")
         text_encoder = load_component(CLIPTextModel, model, "text_encoder")
         self.fingerprint = fingerprint(text_encoder, self.tokenizer.get_vocab(), self.tokenizer.model_max_length)
+        self.embeddings: dict[str, str] = {}  # trigger word -> file fingerprint
+        self.embeddings_skipped: dict[str, str] = {}  # trigger word -> why it was not loaded
+        self._load_embeddings(text_encoder)
+        self._state = hashlib.sha256(f"{self.fingerprint}{sorted(self.embeddings.items())}".encode()).hexdigest()[:16]
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()  # no convolutions: no memory format
+        self._empty = self.plan("")
+
+    def _load_embeddings(self, text_encoder: Any) -> None:
+        """Every textual inversion in ``TRIPTYCH_EMBEDDINGS_DIR``, with diffusers' ``load_textual_inversion``
+        (trigger word = file stem). A file that cannot be used is skipped with its reason (``/v1/info``)."""
+        root = AdapterRoot(self.settings.embeddings_dir, kind="embedding", param="prompt")
+        loader = _TextualInversionLoader()
+        for name in root.names():
+            try:
+                file = root.resolve(name)
+                file.tensors()  # the header, checked by hand before safetensors parses it
+                loader.load_textual_inversion(
+                    str(file.path), token=name, tokenizer=self.tokenizer, text_encoder=text_encoder,
+                    use_safetensors=True,
+                )  # fmt: skip
+            except (TriptychError, ValueError, OSError) as exc:
+                reason = exc.message if isinstance(exc, TriptychError) else f"{type(exc).__name__}: {exc}"
+                self.embeddings_skipped[name] = reason[:300]
+                log.warning("textual inversion %r not loaded: %s", name, reason)
+                continue
+            self.embeddings[name] = hashlib.sha256(file.path.read_bytes()).hexdigest()[:16]
+        if self.embeddings:
+            log.info("textual inversions loaded: %s", ", ".join(sorted(self.embeddings)))
 
     def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
         # Every prompt is padded to the same length: any requests can share a forward.
@@ -104,32 +179,81 @@ class TextEncoderRuntime(StageRuntime):
             "hidden_size": cfg.hidden_size,
             "max_length": self.tokenizer.model_max_length,
             "vocab_size": cfg.vocab_size,
+            "embeddings": dict(sorted(self.embeddings.items())),
+            "embeddings_skipped": dict(sorted(self.embeddings_skipped.items())),
         }
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings (len(texts), L, D). Rows already in the cache are reused; the rest are computed
-        together in one forward, as the pipeline computes a prompt list."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
+    # ------------------------------------------------------------------ prompts
+    def plan(self, prompt: str) -> PromptPlan:
+        """The rows a prompt is encoded as. A prompt without emphasis that fits one chunk is tokenized exactly
+        as ``StableDiffusionPipeline.encode_prompt`` tokenizes it; anything else follows ``prompts.py``."""
+        if self.embeddings:  # multi-vector embeddings: "tok" -> "tok tok_1 tok_2", as the pipelines do
+            prompt = _TextualInversionLoader().maybe_convert_prompt(prompt, self.tokenizer)
+        fragments = prompts.parse(prompt)
+        if prompts.is_plain(fragments):
+            text = prompts.plain_text(fragments)
+            if len(self._tokenize(text)) <= prompts.CHUNK_TOKENS:
+                tokens = self.tokenizer(
+                    text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+                )
+                return PromptPlan((tuple(tokens.input_ids),), (None,), (sum(tokens.attention_mask),))
+        chunks = prompts.chunks(fragments, self._tokenize)
+        if len(chunks) > prompts.MAX_CHUNKS:
+            raise InvalidValue(
+                f"the prompt is {len(chunks)} chunks of {prompts.CHUNK_TOKENS} tokens; at most "
+                f"{prompts.MAX_CHUNKS} are allowed",
+                param="prompt",
+            )
+        return PromptPlan(
+            tuple(self._row(c.ids) for c in chunks),
+            tuple((1.0, *c.weights, *[1.0] * (self._width - len(c.ids) - 1)) if c.weighted else None for c in chunks),
+            tuple(len(c.ids) + 2 for c in chunks),
         )
-        keys = [(self.fingerprint, tuple(row.tolist())) for row in tokens.input_ids]
-        rows: list[torch.Tensor | None] = [self.cache.get(k) for k in keys]
-        missing = [i for i, row in enumerate(rows) if row is None]
+
+    @property
+    def _width(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def _tokenize(self, text: str) -> list[int]:
+        """Token ids without BOS/EOS and without truncation (a long prompt is chunked, not cut)."""
+        ids: list[int] = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text))
+        return ids
+
+    def _row(self, ids: tuple[int, ...]) -> tuple[int, ...]:
+        """A chunk laid out as the tokenizer lays out a short prompt: BOS, tokens, EOS, padding."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        row = (tok.bos_token_id, *ids, tok.eos_token_id)
+        return row + (pad,) * (self._width - len(row))
+
+    def _embed(self, plans: list[PromptPlan]) -> list[torch.Tensor]:
+        """Each plan's embeddings (1, 77 x rows, D). Rows already in the cache are reused; the rest are computed
+        together in one forward, as the pipeline computes a prompt list; then weights, then the rows of a
+        prompt are concatenated."""
+        lengths = {(self._state, row): n for plan in plans for row, n in zip(plan.rows, plan.lengths, strict=True)}
+        outs: dict[CacheKey, torch.Tensor | None] = {key: self.cache.get(key) for key in lengths}
+        missing = [key for key, out in outs.items() if out is None]
         if missing:
-            ids = tokens.input_ids[missing].to(self.device)
+            ids = torch.tensor([row for _, row in missing], device=self.device)
             attention_mask = None
             # Like diffusers: only models trained with an attention mask get one.
             if getattr(self.text_encoder.config, "use_attention_mask", False):
-                attention_mask = tokens.attention_mask[missing].to(self.device)
-            out = self.text_encoder(ids, attention_mask=attention_mask)[0].to(dtype=self.dtype)
-            for j, i in enumerate(missing):
-                rows[i] = out[j : j + 1]
-                self.cache.put(keys[i], out[j : j + 1].clone())
-        return torch.cat([r for r in rows if r is not None])
+                attention_mask = torch.tensor(
+                    [[1] * lengths[key] + [0] * (self._width - lengths[key]) for key in missing], device=self.device
+                )
+            computed = self.text_encoder(ids, attention_mask=attention_mask)[0].to(dtype=self.dtype)
+            for j, key in enumerate(missing):
+                outs[key] = computed[j : j + 1]
+                self.cache.put(key, computed[j : j + 1].clone())
+        embeds = []
+        for plan in plans:
+            rows = []
+            for row, weights in zip(plan.rows, plan.weights, strict=True):
+                out = outs[(self._state, row)]
+                assert out is not None  # every key was filled above
+                rows.append(out if weights is None else restore_mean(out, weights))
+            embeds.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
+        return embeds
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:
         """``ENCODE`` through the batcher, blocking this thread until it is done."""
@@ -138,21 +262,41 @@ class TextEncoderRuntime(StageRuntime):
     @torch.inference_mode()
     def encode_batch(self, requests: list[EncodeRequest]) -> list[EncodeResponse]:
         """Embed each request's ``prompt`` and, when guidance is on, its ``negative_prompt`` (empty strings when
-        absent): all prompts of all requests go through the text encoder together."""
+        absent): all prompts of all requests go through the text encoder together, then all negative prompts.
+        A prompt and its negative prompt come back with the same length (long prompts: the shorter one padded
+        with empty-prompt chunks)."""
         start = time.perf_counter()
-        counts = [len(r.prompt) for r in requests]
-        positives = self._embed([p for r in requests for p in r.prompt]).split(counts)
-        guided = [r for r in requests if r.do_classifier_free_guidance]
-        negatives: Iterator[torch.Tensor] = iter(())
-        if guided:
-            texts = [t for r in guided for t in (r.negative_prompt or [""] * len(r.prompt))]
-            negatives = iter(self._embed(texts).split([len(r.prompt) for r in guided]))
+        positive_plans = [[self.plan(p) for p in r.prompt] for r in requests]
+        negative_plans: list[list[PromptPlan]] = []
+        for r, positives in zip(requests, positive_plans, strict=True):
+            if not r.do_classifier_free_guidance:
+                negative_plans.append([])
+                continue
+            negatives = [self.plan(n) for n in (r.negative_prompt or [""] * len(r.prompt))]
+            for i, (pos, neg) in enumerate(zip(positives, negatives, strict=True)):
+                n = max(len(pos.rows), len(neg.rows))
+                positives[i], negatives[i] = pos.padded(n, self._empty), neg.padded(n, self._empty)
+            negative_plans.append(negatives)
+        # Prompts then negative prompts, in separate forwards as encode_prompt runs them: the same batch shapes
+        # as the pipeline's, so a request alone is bit-identical to it.
+        positive_embeds = iter(self._embed([p for plans in positive_plans for p in plans]))
+        negative_embeds = iter(self._embed([p for plans in negative_plans for p in plans]))
         elapsed = (time.perf_counter() - start) * 1000
-        return [
-            EncodeResponse(
-                prompt_embeds=positive,
-                negative_prompt_embeds=next(negatives) if r.do_classifier_free_guidance else None,
-                encode_ms=elapsed,
+        out = []
+        for positives, negatives in zip(positive_plans, negative_plans, strict=True):
+            prompt_embeds = _stack([next(positive_embeds) for _ in positives])
+            negative_embeds_ = _stack([next(negative_embeds) for _ in negatives]) if negatives else None
+            out.append(
+                EncodeResponse(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds_, encode_ms=elapsed)
             )
-            for r, positive in zip(requests, positives, strict=True)
-        ]
+        return out
+
+
+def _stack(embeds: list[torch.Tensor]) -> torch.Tensor:
+    """The prompts of one request as (P, L, D); prompts of different lengths are refused."""
+    if len({e.shape[1] for e in embeds}) > 1:
+        raise InvalidValue(
+            "the prompts of one request encode to different lengths (long prompts); send them one per request",
+            param="prompt",
+        )
+    return embeds[0] if len(embeds) == 1 else torch.cat(embeds)
