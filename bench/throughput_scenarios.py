@@ -234,7 +234,9 @@ def short_under_long_each(
 
 # ----------------------------------------------------------------------------------------------- cache
 def random_prompt(rng: random.Random) -> str:
-    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(rng.randint(6, 12))]
+    """4-8 random words. At most 64 letters: the test models' byte-level tokenizer makes a token of every
+    letter, and a prompt past 75 tokens would be encoded as two chunks (a long prompt), not one."""
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(rng.randint(4, 8))]
     return " ".join(words)
 
 

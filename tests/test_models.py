@@ -147,3 +147,12 @@ def test_settings_come_from_env_and_flags_win(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("TRIPTYCH_VAE_DECODER_URL", "ftp://nope")
     with pytest.raises(ValueError, match="http"):
         Settings()
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/api.md's configuration table names every TRIPTYCH_* variable the code reads."""
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "api.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`TRIPTYCH_{name.upper()}`" not in text]
+    assert not missing, f"undocumented settings: {missing}"
