@@ -159,6 +159,11 @@ async def read_task_request(request: Request, settings: Settings, model: type[T]
     if takes_files and content_type == "multipart/form-data":
         fields, files = await read_form(request, max_bytes=2 * settings.max_image_bytes + settings.max_json_body_bytes)
         data: dict[str, Any] = {**fields, **files}
+        if isinstance(data.get("loras"), str):  # a list in a form field: JSON text
+            try:
+                data["loras"] = orjson.loads(data["loras"])
+            except orjson.JSONDecodeError:
+                raise InvalidValue("`loras` must be a JSON list in a form field", param="loras") from None
         try:
             return model.model_validate(data)
         except ValidationError as exc:

@@ -56,8 +56,9 @@ from shared.tracing import outgoing_headers
 Req = TypeVar("Req", bound=StageRequest)
 Resp = TypeVar("Resp", bound=WireModel)
 
-# A stage's own 4xx that says something about the user's request; relayed to the caller unchanged.
-RELAYED_STATUSES = {413, 422, 429}
+# A stage's own 4xx that says something about the user's request (an unknown LoRA is a 404); relayed to the
+# caller unchanged.
+RELAYED_STATUSES = {404, 413, 422, 429}
 # Idle pooled connections are dropped after this long: below the services' own keep-alive
 # (shared.serving.server.KEEP_ALIVE_S, 75 s), so central does not reuse a connection the stage is closing at
 # that moment (with uvicorn's default 5 s the race showed up as a 503 under load). It is long enough that a

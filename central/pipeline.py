@@ -174,6 +174,7 @@ class Orchestrator:
             "num_images": req.num_images,
             "output_format": req.output_format,
             "model": model or "base",
+            "loras": [lora.model_dump() for lora in req.loras],
         }
 
     # ------------------------------------------------------------------ image preprocessing
@@ -285,6 +286,7 @@ class Orchestrator:
                 prompt=[p["prompt"]],
                 negative_prompt=None if p["negative_prompt"] is None else [p["negative_prompt"]],
                 do_classifier_free_guidance=cfg,
+                loras=req.loras,
             )
         )
         hops["encode_ms"] = (time.perf_counter() - t0) * 1000
@@ -311,6 +313,7 @@ class Orchestrator:
                 model=model,
                 image=image,
                 mask=mask,
+                loras=req.loras,
             )
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000

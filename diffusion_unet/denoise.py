@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from shared.errors import InvalidValue
 from shared.protocol import DenoiseRequest, DenoiseResponse, ImageConditioning, MaskConditioning
+from shared.serving.loras import LoraSet, LoraStore, lora_set
 
 
 class JobCancelled(Exception):
@@ -38,6 +39,7 @@ class UNetVariant:
     compatible_schedulers: list[str]
     fingerprint: str
     vae_scale_factor: int
+    loras: LoraStore
 
     @property
     def inpainting(self) -> bool:
@@ -73,6 +75,7 @@ class DenoiseJob:
     step_kwargs: dict[str, Any]
     started: float
     inpaint: InpaintState | None = None
+    loras: LoraSet = ()
     index: int = 0
 
     @property
@@ -81,8 +84,9 @@ class DenoiseJob:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one UNet forward. Adapters or ControlNet would join this key."""
-        return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
+        """Jobs with equal keys can share one UNet forward: same variant, LoRAs (names and weights), latent size
+        and embedding shape. ControlNet would join this key."""
+        return (self.variant.name, self.loras, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
 
     @property
     def rows(self) -> int:
@@ -200,6 +204,7 @@ def prepare_job(
         step_kwargs=step_kwargs,
         started=start,
         inpaint=inpaint,
+        loras=lora_set(req.loras),
     )
 
 
@@ -295,6 +300,7 @@ def step(jobs: list[DenoiseJob]) -> None:
     """7. One denoising step for every job in ``jobs`` (same variant, latent and embedding shapes) with a
     single UNet forward. A lone job takes exactly the pipeline's path (a scalar timestep), so a request
     served alone stays bit-identical to diffusers; batched, each row carries its own timestep."""
+    jobs[0].variant.loras.activate(jobs[0].loras)  # equal keys: the same LoRAs for every job here
     inputs = [job.model_input() for job in jobs]
     unet = jobs[0].variant.unet
     if len(jobs) == 1:

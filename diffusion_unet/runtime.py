@@ -21,7 +21,9 @@ from shared import schedulers
 from shared.errors import InvalidValue
 from shared.operations import DENOISE, Operation
 from shared.protocol import DenoiseRequest, DenoiseResponse
+from shared.serving.adapters import AdapterRoot
 from shared.serving.batching import Batcher
+from shared.serving.loras import LoraStore, lora_set
 from shared.serving.models import fingerprint, load_component, vae_scale_factor
 from shared.serving.runtime import StageRuntime
 
@@ -64,6 +66,7 @@ class UNetRuntime(StageRuntime):
 
         # The latent grid is the image size over the model's VAE factor (SD: 8, diffusers' tiny test models: 2).
         self.vae_scale_factor = vae_scale_factor(model)
+        self._lora_root = AdapterRoot(self.settings.lora_dir, kind="LoRA", param="loras")
         base_unet = load_component(UNet2DConditionModel, model, "unet")
         base_scheduler = _scheduler_config(model)
         self.variants: dict[str, UNetVariant] = {BASE: self._load_variant(BASE, model, base_unet, base_scheduler)}
@@ -81,16 +84,20 @@ class UNetRuntime(StageRuntime):
 
     def _load_variant(self, name: str, source: str, unet: Any, scheduler_config: dict[str, Any]) -> UNetVariant:
         default = str(scheduler_config["_class_name"])
+        # Fingerprint before the dtype cast: the same weights served in fp16 keep their fingerprint.
+        config_fingerprint = fingerprint(unet, {k: v for k, v in scheduler_config.items() if k != "_diffusers_version"})
+        placed = self.place(unet)
+        loras = LoraStore(self._lora_root, placed, "unet", capacity=self.settings.lora_cache_size)
         return UNetVariant(
             name=name,
             source=source,
-            # Fingerprint before the dtype cast: the same weights served in fp16 keep their fingerprint.
-            fingerprint=fingerprint(unet, {k: v for k, v in scheduler_config.items() if k != "_diffusers_version"}),
-            unet=self._compiled(self.place(unet)),
+            fingerprint=config_fingerprint,
+            unet=self._compiled(placed),
             scheduler_config=scheduler_config,
             default_scheduler=default,
             compatible_schedulers=schedulers.usable_compatibles(default, scheduler_config),
             vae_scale_factor=self.vae_scale_factor,
+            loras=loras,
         )
 
     def _compiled(self, unet: Any) -> Any:
@@ -131,11 +138,18 @@ class UNetRuntime(StageRuntime):
             "unet_forwards": ("counter", "UNet forward passes run by the batcher", b.forwards),
             "unet_batch_images": ("gauge", "Images in the running batch", b.active_images),
             "unet_largest_batch_images": ("gauge", "Most images that shared one UNet forward", b.largest_batch),
+            "lora_loaded": ("gauge", "LoRAs loaded in the UNets", sum(v.loras.loaded for v in self.variants.values())),
+            "lora_parameter_bytes": (
+                "gauge",
+                "Bytes of LoRA parameters loaded (fp32)",
+                sum(v.loras.parameter_bytes for v in self.variants.values()),
+            ),
         }
 
     def config(self) -> dict[str, Any]:
         base = self.variants[BASE].config()
         base["variants"] = {name: v.config() for name, v in self.variants.items() if name != BASE}
+        base["loras"] = self._lora_root.names()
         return base
 
     def variant(self, name: str | None) -> UNetVariant:
@@ -187,6 +201,7 @@ class UNetRuntime(StageRuntime):
                 param="num_inference_steps",
             )
         schedulers.resolve(req.scheduler or variant.default_scheduler, variant.compatible_schedulers)
+        variant.loras.check(lora_set(req.loras))
         latent_hw = (req.height // vsf, req.width // vsf)
         if req.mask is not None:
             if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels + 1):

@@ -100,6 +100,28 @@ Embeds = Annotated[torch.Tensor, PlainValidator(_float_tensor(3))]
 Latents = Annotated[torch.Tensor, PlainValidator(_float_tensor(4))]
 
 
+# ----------------------------------------------------------------------------------------- adapters
+MAX_LORAS = 8
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of a request: a file stem in ``TRIPTYCH_LORA_DIR`` and its weight (``set_adapters``' weight)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="The file's stem.")
+    weight: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+
+Loras = Annotated[list[LoraSpec], Field(max_length=MAX_LORAS)]
+
+
+def _unique_loras(loras: list[LoraSpec]) -> None:
+    names = [lora.name for lora in loras]
+    if len(set(names)) != len(names):
+        raise _invalid(f"`loras` names a LoRA more than once: {names}")
+
+
 # ----------------------------------------------------------------------------------------- stage info
 class ModelRef(BaseModel):
     id: str
@@ -126,6 +148,7 @@ class EncodeRequest(StageRequest):
     prompt: list[Annotated[str, Field(max_length=8192)]] = Field(min_length=1, max_length=MAX_PROMPTS)
     negative_prompt: list[Annotated[str, Field(max_length=8192)]] | None = None
     do_classifier_free_guidance: bool = True
+    loras: Loras = Field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -133,6 +156,7 @@ class EncodeRequest(StageRequest):
 
     @model_validator(mode="after")
     def _check(self) -> EncodeRequest:
+        _unique_loras(self.loras)
         if self.negative_prompt is not None and len(self.negative_prompt) != len(self.prompt):
             raise _invalid(
                 f"`negative_prompt` has {len(self.negative_prompt)} entries but `prompt` has {len(self.prompt)}"
@@ -217,6 +241,7 @@ class DenoiseRequest(StageRequest):
     model: str | None = Field(default=None, max_length=128)
     image: ImageConditioning | None = None
     mask: MaskConditioning | None = None
+    loras: Loras = Field(default_factory=list)
 
     @property
     def task(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -240,6 +265,7 @@ class DenoiseRequest(StageRequest):
 
     @model_validator(mode="after")
     def _check(self) -> DenoiseRequest:
+        _unique_loras(self.loras)
         if self.do_classifier_free_guidance:
             if self.negative_prompt_embeds is None:
                 raise _invalid("`negative_prompt_embeds` is required when `guidance_scale` > 1")
@@ -348,6 +374,14 @@ class Txt2ImgRequest(BaseModel):
     num_images: int = Field(default=1, ge=1)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     model: str | None = Field(default=None, max_length=128, description="UNet variant; default the base UNet.")
+    loras: Loras = Field(
+        default_factory=list, description="LoRAs from TRIPTYCH_LORA_DIR with weights, applied together."
+    )
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> Txt2ImgRequest:
+        _unique_loras(self.loras)
+        return self
 
 
 ImageInput = Annotated[

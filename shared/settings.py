@@ -30,6 +30,14 @@ class Settings(BaseSettings):
         description="Text encoder: textual-inversion .safetensors files, loaded at start; the trigger word is "
         "the file stem, as in A1111.",
     )
+    lora_dir: Path | None = Field(
+        default=None,
+        description="Text encoder and UNet: LoRA .safetensors files a request may name (diffusers/PEFT or "
+        "kohya/A1111 keys); each stage loads its own keys.",
+    )
+    lora_cache_size: int = Field(
+        default=8, ge=1, description="LoRAs each text encoder / UNet keeps loaded (least recently used out)."
+    )
     unet_variants: str = Field(
         default="",
         description="Extra UNets as name=path,... (model dir or bare UNet folder); inpaint uses `inpainting`.",

@@ -359,11 +359,11 @@ def test_concurrent_encodes_are_batched_and_a_bad_one_fails_alone(te_runtime) ->
     original = te_runtime._embed
     boom = te_runtime.plan("boom")
 
-    def held(plans):  # type: ignore[no-untyped-def]
+    def held(plans, state):  # type: ignore[no-untyped-def]
         gate.wait(30)
         if boom in plans:
             raise ValueError("boom")
-        return original(plans)
+        return original(plans, state)
 
     te_runtime._embed = held
     try:

@@ -19,6 +19,7 @@ from shared.operations import ENCODE, Operation
 from shared.protocol import EncodeRequest, EncodeResponse
 from shared.serving.adapters import AdapterRoot
 from shared.serving.batching import Batcher, MicroBatcher
+from shared.serving.loras import LoraStore, lora_set
 from shared.serving.models import fingerprint, load_component
 from shared.serving.runtime import StageRuntime
 from text_encoder import prompts
@@ -128,6 +129,12 @@ class TextEncoderRuntime(StageRuntime):
         self._load_embeddings(text_encoder)
         self._state = hashlib.sha256(f"{self.fingerprint}{sorted(self.embeddings.items())}".encode()).hexdigest()[:16]
         self.text_encoder = text_encoder.to(self.device, self.dtype).eval()  # no convolutions: no memory format
+        self.loras = LoraStore(
+            AdapterRoot(self.settings.lora_dir, kind="LoRA", param="loras"),
+            self.text_encoder,
+            "text_encoder",
+            capacity=self.settings.lora_cache_size,
+        )
         self._empty = self.plan("")
 
     def _load_embeddings(self, text_encoder: Any) -> None:
@@ -153,9 +160,15 @@ class TextEncoderRuntime(StageRuntime):
             log.info("textual inversions loaded: %s", ", ".join(sorted(self.embeddings)))
 
     def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
-        # Every prompt is padded to the same length: any requests can share a forward.
+        # Every prompt is padded to the same length: requests with the same LoRAs can share a forward.
         self.batcher = MicroBatcher(
-            "text-encode", self.worker, self.encode_batch, size=lambda r: len(r.prompt), max_items=self.max_batch
+            "text-encode",
+            self.worker,
+            self.encode_batch,
+            key=lambda r: lora_set(r.loras),
+            size=lambda r: r.batch_size,
+            max_items=self.max_batch,
+            check=lambda r: self.loras.check(lora_set(r.loras)),
         )
         return {ENCODE: self.batcher}
 
@@ -171,6 +184,8 @@ class TextEncoderRuntime(StageRuntime):
             "embedding_cache_misses": ("counter", "Prompt embeddings computed", c.misses),
             "embedding_cache_bytes": ("gauge", "Bytes held by the embedding cache", c.bytes),
             "embedding_cache_entries": ("gauge", "Embeddings held by the cache", len(c)),
+            "lora_loaded": ("gauge", "LoRAs loaded in the text encoder", self.loras.loaded),
+            "lora_parameter_bytes": ("gauge", "Bytes of LoRA parameters loaded (fp32)", self.loras.parameter_bytes),
         }
 
     def config(self) -> dict[str, Any]:
@@ -181,6 +196,7 @@ class TextEncoderRuntime(StageRuntime):
             "vocab_size": cfg.vocab_size,
             "embeddings": dict(sorted(self.embeddings.items())),
             "embeddings_skipped": dict(sorted(self.embeddings_skipped.items())),
+            "loras": self.loras.root.names(),
         }
 
     # ------------------------------------------------------------------ prompts
@@ -226,11 +242,11 @@ class TextEncoderRuntime(StageRuntime):
         row = (tok.bos_token_id, *ids, tok.eos_token_id)
         return row + (pad,) * (self._width - len(row))
 
-    def _embed(self, plans: list[PromptPlan]) -> list[torch.Tensor]:
-        """Each plan's embeddings (1, 77 x rows, D). Rows already in the cache are reused; the rest are computed
-        together in one forward, as the pipeline computes a prompt list; then weights, then the rows of a
-        prompt are concatenated."""
-        lengths = {(self._state, row): n for plan in plans for row, n in zip(plan.rows, plan.lengths, strict=True)}
+    def _embed(self, plans: list[PromptPlan], state: str) -> list[torch.Tensor]:
+        """Each plan's embeddings (1, 77 x rows, D). Rows already in the cache (under ``state``: model, embeddings,
+        active LoRAs) are reused; the rest are computed together in one forward, as the pipeline computes a
+        prompt list; then weights, then the rows of a prompt are concatenated."""
+        lengths = {(state, row): n for plan in plans for row, n in zip(plan.rows, plan.lengths, strict=True)}
         outs: dict[CacheKey, torch.Tensor | None] = {key: self.cache.get(key) for key in lengths}
         missing = [key for key, out in outs.items() if out is None]
         if missing:
@@ -249,7 +265,7 @@ class TextEncoderRuntime(StageRuntime):
         for plan in plans:
             rows = []
             for row, weights in zip(plan.rows, plan.weights, strict=True):
-                out = outs[(self._state, row)]
+                out = outs[(state, row)]
                 assert out is not None  # every key was filled above
                 rows.append(out if weights is None else restore_mean(out, weights))
             embeds.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
@@ -264,8 +280,13 @@ class TextEncoderRuntime(StageRuntime):
         """Embed each request's ``prompt`` and, when guidance is on, its ``negative_prompt`` (empty strings when
         absent): all prompts of all requests go through the text encoder together, then all negative prompts.
         A prompt and its negative prompt come back with the same length (long prompts: the shorter one padded
-        with empty-prompt chunks)."""
+        with empty-prompt chunks). The batcher groups requests by LoRAs: these all have the same."""
         start = time.perf_counter()
+        loras = lora_set(requests[0].loras)
+        self.loras.activate(loras)
+        state = self._state
+        if loras:
+            state = hashlib.sha256(f"{state}{loras}{self.loras.fingerprints(loras)}".encode()).hexdigest()[:16]
         positive_plans = [[self.plan(p) for p in r.prompt] for r in requests]
         negative_plans: list[list[PromptPlan]] = []
         for r, positives in zip(requests, positive_plans, strict=True):
@@ -279,8 +300,8 @@ class TextEncoderRuntime(StageRuntime):
             negative_plans.append(negatives)
         # Prompts then negative prompts, in separate forwards as encode_prompt runs them: the same batch shapes
         # as the pipeline's, so a request alone is bit-identical to it.
-        positive_embeds = iter(self._embed([p for plans in positive_plans for p in plans]))
-        negative_embeds = iter(self._embed([p for plans in negative_plans for p in plans]))
+        positive_embeds = iter(self._embed([p for plans in positive_plans for p in plans], state))
+        negative_embeds = iter(self._embed([p for plans in negative_plans for p in plans], state))
         elapsed = (time.perf_counter() - start) * 1000
         out = []
         for positives, negatives in zip(positive_plans, negative_plans, strict=True):

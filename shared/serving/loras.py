@@ -1,0 +1,161 @@
+"""LoRA adapters kept loaded in one module (the text encoder, or one UNet), switched per request.
+
+A request names its LoRAs with weights (``loras``). Each stage loads only its own keys of a LoRA file with
+diffusers' loaders on the bare module (``load_lora_into_text_encoder`` / ``load_lora_into_unet``: the same
+code ``pipe.load_lora_weights`` runs), keeps up to ``capacity`` adapters loaded (least recently used out
+first), and switches between requests with ``set_adapters`` (PEFT scales), never by fusing weights. The
+module is only touched on the stage's model thread.
+
+A LoRA file with no keys for this module is loaded as nothing (a UNet-only LoRA in the text encoder). One
+whose keys or shapes do not fit the module is refused with 422 and leaves the module as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers, set_weights_and_activate_adapters
+
+from shared.errors import InvalidValue
+from shared.serving.adapters import AdapterRoot
+
+log = logging.getLogger("triptych.loras")
+
+Component = Literal["unet", "text_encoder"]
+#: A request's LoRAs as the batchers compare them: ((name, weight), ...) in request order.
+LoraSet = tuple[tuple[str, float], ...]
+
+
+@dataclass
+class _Loaded:
+    adapter: str | None  # PEFT adapter name in the module; None: the file has nothing for this module
+    fingerprint: str
+    parameters: int
+
+
+class LoraStore:
+    """The LoRAs loaded into ``module`` and the set currently active in it."""
+
+    def __init__(self, root: AdapterRoot, module: Any, component: Component, *, capacity: int) -> None:
+        self.root = root
+        self.module = module
+        self.component = component
+        self.capacity = capacity
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._active: tuple[tuple[str, float], ...] | None = ()  # () = none active; None = unknown
+        self._counter = 0
+
+    # ------------------------------------------------------------------ on any thread
+    def check(self, loras: LoraSet) -> None:
+        """Before queueing: every name resolves to a file with a valid header (404 / 422 otherwise)."""
+        for name, _ in loras:
+            if name not in self._loaded:
+                self.root.resolve(name).tensors()
+
+    @property
+    def loaded(self) -> int:
+        return len(self._loaded)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(entry.parameters for entry in self._loaded.values()) * 4
+
+    def fingerprints(self, loras: LoraSet) -> tuple[str, ...]:
+        """The loaded files' fingerprints, for cache keys (call after ``activate``)."""
+        return tuple(self._loaded[name].fingerprint for name, _ in loras)
+
+    # ------------------------------------------------------------------ on the model thread
+    def activate(self, loras: LoraSet) -> None:
+        """Make exactly ``loras`` (with their weights) active; load the ones not loaded yet."""
+        for name, _ in loras:
+            self._ensure(name)
+        wanted = tuple((self._loaded[n].adapter, w) for n, w in loras if self._loaded[n].adapter is not None)
+        if wanted == self._active:
+            return
+        self._active = None  # a failure below leaves the state unknown: set it again next time
+        if wanted:
+            names, weights = [a for a, _ in wanted], [w for _, w in wanted]
+            if self.component == "unet":
+                self.module.set_adapters(names, weights)
+                self.module.enable_lora()
+            else:
+                set_weights_and_activate_adapters(self.module, names, weights)
+                set_adapter_layers(self.module, enabled=True)
+        elif self._loaded_any():
+            if self.component == "unet":
+                self.module.disable_lora()
+            else:
+                set_adapter_layers(self.module, enabled=False)
+        self._active = tuple((str(a), w) for a, w in wanted)
+
+    def _loaded_any(self) -> bool:
+        return any(entry.adapter is not None for entry in self._loaded.values())
+
+    def _ensure(self, name: str) -> None:
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        file = self.root.resolve(name)
+        file.tensors()  # the header, checked by hand before safetensors parses the file
+        # Not under inference_mode (the batchers run in it): parameters made there lose requires_grad, and that
+        # alone changes which CPU kernels run, versus pipe.load_lora_weights (docs/architecture.md).
+        with torch.inference_mode(False):
+            try:
+                state, alphas = Loader.lora_state_dict(str(file.path))
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise self._refused(name, exc) from None
+            mine = {k: v for k, v in state.items() if k.startswith(f"{self.component}.")}
+            self._make_room()
+            adapter = None
+            if mine:
+                self._counter += 1
+                adapter = f"triptych_lora_{self._counter}"
+                try:
+                    with warnings.catch_warnings():
+                        # PEFT warns on every adapter after the first; several loaded at once is the point here.
+                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                        if self.component == "unet":
+                            Loader.load_lora_into_unet(mine, alphas, self.module, adapter_name=adapter)
+                        else:
+                            Loader.load_lora_into_text_encoder(mine, alphas, self.module, adapter_name=adapter)
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    self._delete(adapter)
+                    raise self._refused(name, exc) from None
+        fingerprint = hashlib.sha256(file.path.read_bytes()).hexdigest()[:16]
+        self._loaded[name] = _Loaded(adapter, fingerprint, sum(v.numel() for v in mine.values()))
+        self._active = None
+        log.info("LoRA %r loaded into the %s (%d tensors)", name, self.component, len(mine))
+
+    def _refused(self, name: str, exc: Exception) -> InvalidValue:
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        where = self.component.replace("_", " ")
+        return InvalidValue(f"LoRA {name!r} does not fit this model's {where}: {reason}", param="loras")
+
+    def _make_room(self) -> None:
+        while len(self._loaded) >= self.capacity:
+            old_name, old = self._loaded.popitem(last=False)
+            if old.adapter is not None:
+                self._delete(old.adapter)
+            log.info("LoRA %r unloaded from the %s (cache of %d)", old_name, self.component, self.capacity)
+
+    def _delete(self, adapter: str) -> None:
+        if adapter in (getattr(self.module, "peft_config", None) or {}):
+            if self.component == "unet":
+                self.module.delete_adapters(adapter)
+            else:
+                delete_adapter_layers(self.module, adapter)
+        self._active = None
+
+
+def lora_set(loras: Sequence[Any] | None) -> LoraSet:
+    """A request's ``loras`` ([{name, weight}] models) as a hashable set key."""
+    return tuple((lora.name, float(lora.weight)) for lora in loras or ())

@@ -1,0 +1,179 @@
+"""LoRA per request (SPEC §10) across the split, against ``pipe.load_lora_weights`` + ``pipe.set_adapters``.
+
+The LoRAs are made here with PEFT on the tiny model's own modules (random, non-zero ``lora_B``, so they change
+the image) and saved with diffusers' ``save_lora_weights``: the format users download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from central.app import build_app
+from diffusion_unet.runtime import UNetRuntime
+from shared.serving.models import create_tiny
+from shared.settings import Settings
+from tests.helpers import assert_envelope, decode_all, gens, local_orchestrator, max_diff, pipeline_pixels
+from text_encoder.runtime import TextEncoderRuntime
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_lora(model: Path, out: Path, name: str, seed: int, *, text_encoder: bool = True, kohya: bool = False) -> Path:
+    """A random LoRA for ``model`` built with PEFT, saved with diffusers as ``out/<name>.safetensors`` (or in
+    kohya/A1111 key format, converted with diffusers' ``convert_state_dict_to_kohya``)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
+    peft_layers = {"unet": get_peft_model_state_dict(unet)}
+    if text_encoder:
+        te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, init_lora_weights=False)
+        peft_layers["text_encoder"] = get_peft_model_state_dict(inject_adapter_in_model(config, te))
+    path = out / f"{name}.safetensors"
+    if kohya:
+        flat = {f"{part}.{k}": v for part, layers in peft_layers.items() for k, v in layers.items()}
+        save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(flat).items()}, str(path))
+        return path
+    layers = {f"{part}_lora_layers": convert_state_dict_to_diffusers(sd) for part, sd in peft_layers.items()}
+    StableDiffusionPipeline.save_lora_weights(str(out), weight_name=path.name, **layers)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("loras")
+    make_lora(tiny_model, root, "ink", seed=1)
+    make_lora(tiny_model, root, "pastel", seed=2)
+    make_lora(tiny_model, root, "unet-only", seed=3, text_encoder=False)
+    make_lora(tiny_model, root, "kohya-style", seed=5, kohya=True)
+    # A LoRA made for another architecture (diffusers' test sizes: other widths) must be refused.
+    other = create_tiny(tmp_path_factory.mktemp("other") / "m", preset="diffusers-tiny")
+    make_lora(other, root, "foreign", seed=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_settings(settings: Settings, lora_dir: Path) -> Settings:
+    return settings.model_copy(update={"lora_dir": lora_dir, "lora_cache_size": 2})
+
+
+@pytest.fixture(scope="module")
+def stages(lora_settings: Settings, vae_runtime: Any) -> Iterator[dict[str, Any]]:
+    te, unet = TextEncoderRuntime(lora_settings), UNetRuntime(lora_settings)
+    for rt in (te, unet):
+        asyncio.run(rt.load_async())
+    orch = local_orchestrator(lora_settings, te, unet, vae_runtime)
+    with TestClient(build_app(lora_settings, orchestrator=orch)) as client:
+        yield {"client": client, "te": te, "unet": unet}
+    te.close()
+    unet.close()
+
+
+def reference(model: Path, lora_dir: Path, loras: list[tuple[str, float]], **call: Any) -> np.ndarray:
+    """diffusers: a fresh pipeline, ``load_lora_weights`` for each LoRA, ``set_adapters`` with the weights."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in loras:
+        pipe.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
+    if loras:
+        pipe.set_adapters([n for n, _ in loras], [w for _, w in loras])
+    return pipeline_pixels(pipe(**call))
+
+
+def body(loras: list[tuple[str, float]], seed: int = 5, **extra: Any) -> dict[str, Any]:
+    return {"prompt": "a lighthouse", "negative_prompt": "fog", "seed": seed, "num_inference_steps": 3,
+            "loras": [{"name": n, "weight": w} for n, w in loras], **extra}  # fmt: skip
+
+
+def call(seed: int = 5) -> dict[str, Any]:
+    return {"prompt": "a lighthouse", "negative_prompt": "fog", "num_inference_steps": 3, "generator": gens(seed, 1)}
+
+
+@pytest.mark.parametrize(
+    "loras",
+    [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [("unet-only", 1.5)], [("kohya-style", 0.9)]],
+    ids=["one", "two-weighted", "unet-only", "kohya-keys"],
+)
+def test_loras_match_load_lora_weights(stages: dict[str, Any], tiny_model: Path, lora_dir: Path, loras: Any) -> None:
+    r = stages["client"].post("/v1/txt2img", json=body(loras))
+    ours = decode_all(r)
+    assert r.json()["parameters"]["loras"] == [{"name": n, "weight": w} for n, w in loras]
+    assert max_diff(ours, reference(tiny_model, lora_dir, loras, **call())) == 0
+    plain = reference(tiny_model, lora_dir, [], **call())
+    assert max_diff(ours, plain) > 0  # the LoRA really changed the image
+
+
+def test_a_plain_request_after_loras_is_plain_diffusers(stages: dict[str, Any], sd_pipeline: Any) -> None:
+    client = stages["client"]
+    assert client.post("/v1/txt2img", json=body([("pastel", 1.0)])).status_code == 200
+    ours = decode_all(client.post("/v1/txt2img", json=body([])))
+    assert max_diff(ours, pipeline_pixels(sd_pipeline(**call()))) == 0
+
+
+def test_the_cache_is_bounded_and_switching_stays_exact(
+    stages: dict[str, Any], tiny_model: Path, lora_dir: Path
+) -> None:
+    """Capacity 2: ink, pastel, unet-only, ink again; each answer still equals diffusers."""
+    client = stages["client"]
+    for loras in ([("ink", 1.0)], [("pastel", 1.0)], [("unet-only", 1.0)], [("ink", 1.0)]):
+        ours = decode_all(client.post("/v1/txt2img", json=body(loras, seed=2)))
+        assert max_diff(ours, reference(tiny_model, lora_dir, loras, **call(2))) == 0, loras
+        assert stages["unet"].variants["base"].loras.loaded <= 2 and stages["te"].loras.loaded <= 2
+    config = client.get("/v1/info").json()["stages"]["diffusion_unet"]["config"]
+    assert config["loras"] == ["foreign", "ink", "kohya-style", "pastel", "unet-only"]
+
+
+def test_requests_with_different_loras_run_together_each_as_alone(
+    stages: dict[str, Any], tiny_model: Path, lora_dir: Path
+) -> None:
+    """Concurrent requests with different LoRAs: the UNet runs each LoRA set in a forward of its own (the
+    batch key holds the set), so they cannot mix; the VAE may decode them together (SPEC §8: within 2/255)."""
+    client = stages["client"]
+    sets = [[("ink", 1.0)], [("pastel", 0.7)], []]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client.post, "/v1/txt2img", json=body(s, seed=9, num_inference_steps=8)) for s in sets]
+        results = [decode_all(f.result(timeout=120)) for f in futures]
+    for loras, ours in zip(sets, results, strict=True):
+        assert max_diff(ours, reference(tiny_model, lora_dir, loras, **{**call(9), "num_inference_steps": 8})) <= 2
+
+
+def test_unknown_bad_duplicate_and_foreign_loras_are_4xx(stages: dict[str, Any], sd_pipeline: Any) -> None:
+    client = stages["client"]
+    err = assert_envelope(client.post("/v1/txt2img", json=body([("nope", 1.0)])), 404, param="loras")
+    assert "available: foreign, ink, kohya-style, pastel, unet-only" in err["message"]
+    assert_envelope(client.post("/v1/txt2img", json=body([("../ink", 1.0)])), 422)
+    assert_envelope(client.post("/v1/txt2img", json=body([("ink", 1.0), ("ink", 0.5)])), 422)
+    assert_envelope(client.post("/v1/txt2img", json=body([("ink", float("1e9"))])), 422)
+    err = assert_envelope(client.post("/v1/txt2img", json=body([("foreign", 1.0)])), 422, param="loras")
+    assert "foreign" in err["message"] and "does not fit" in err["message"]
+    # Nothing was left behind: the next plain request is plain diffusers.
+    ours = decode_all(client.post("/v1/txt2img", json=body([])))
+    assert max_diff(ours, pipeline_pixels(sd_pipeline(**call()))) == 0
+
+
+def test_no_lora_folder_configured_is_404(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    orch = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+    with TestClient(build_app(settings, orchestrator=orch)) as client:
+        err = assert_envelope(client.post("/v1/txt2img", json=body([("ink", 1.0)])), 404, param="loras")
+    assert "no LoRA folder is configured" in err["message"]
