@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_unet.denoise import DenoiseJob, JobCancelled, step
+from shared.errors import TriptychError
 from shared.protocol import DenoiseRequest, DenoiseResponse
 from shared.serving.batching import Batcher, ModelWorker, Work
 
@@ -98,7 +99,10 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
                 try:
                     step([w.job for w in group if w.job is not None])
                 except Exception as exc:
-                    log.exception("a denoise step failed for %d request(s)", len(group))
+                    if isinstance(exc, TriptychError):  # the requests' own fault (a LoRA that does not fit)
+                        log.info("a denoise step refused %d request(s): %s", len(group), exc.message)
+                    else:
+                        log.exception("a denoise step failed for %d request(s)", len(group))
                     for waiter in group:
                         waiter.work.finish(error=exc)
                         waiter.job = None
