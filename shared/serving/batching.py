@@ -139,11 +139,6 @@ class Batcher(ABC, Generic[Req, Resp]):
             self.worker.wake()
         return work
 
-    def run(self, request: Req) -> Resp:
-        """Submit one request and block the calling thread until its response is ready."""
-        result: Resp = self.submit(request).result()
-        return result
-
     def _counted(self, size: int) -> None:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, size)
