@@ -102,6 +102,8 @@ Latents = Annotated[torch.Tensor, PlainValidator(_float_tensor(4))]
 
 # ----------------------------------------------------------------------------------------- adapters
 MAX_LORAS = 8
+#: What an adapter name (a file stem) may be, SPEC §10: no separators, no "..", no leading dot.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class LoraSpec(BaseModel):
@@ -109,7 +111,7 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="The file's stem.")
+    name: str = Field(pattern=ADAPTER_NAME, description="The file's stem.")
     weight: float = Field(default=1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from typing import Any
@@ -115,3 +116,15 @@ def wire_orchestrator(settings: Settings, te: Any, unet: Any, vae: Any) -> Orche
         VaeClient(transport("vae_decoder", vae_app(settings, vae))),
         settings,
     )
+
+
+def load_runtimes(settings: Settings) -> dict[str, Any]:
+    """The three stage runtimes, each loaded on its own model thread (where ``cpu_threads`` applies)."""
+    from diffusion_unet.runtime import UNetRuntime
+    from text_encoder.runtime import TextEncoderRuntime
+    from vae_decoder.runtime import VaeRuntime
+
+    runtimes = {"te": TextEncoderRuntime(settings), "unet": UNetRuntime(settings), "vae": VaeRuntime(settings)}
+    for rt in runtimes.values():
+        asyncio.run(rt.load_async())
+    return runtimes

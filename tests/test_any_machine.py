@@ -9,7 +9,6 @@ model whose VAE downsamples by 2 (diffusers' own test sizes) next to the 8x tiny
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,19 @@ import torch
 from fastapi.testclient import TestClient
 
 from central.app import build_app
-from diffusion_unet.runtime import UNetRuntime
 from shared import wire
 from shared.serving.models import create_tiny
 from shared.settings import Settings
-from tests.helpers import decode_all, gens, local_orchestrator, max_diff, pipeline_pixels, png_b64, wire_orchestrator
-from text_encoder.runtime import TextEncoderRuntime
-from vae_decoder.runtime import VaeRuntime
-
-
-def load_runtimes(settings: Settings) -> dict[str, Any]:
-    """The three stage runtimes, each loaded on its own model thread (where ``cpu_threads`` applies)."""
-    runtimes = {"te": TextEncoderRuntime(settings), "unet": UNetRuntime(settings), "vae": VaeRuntime(settings)}
-    for rt in runtimes.values():
-        asyncio.run(rt.load_async())
-    return runtimes
+from tests.helpers import (
+    decode_all,
+    gens,
+    load_runtimes,
+    local_orchestrator,
+    max_diff,
+    pipeline_pixels,
+    png_b64,
+    wire_orchestrator,
+)
 
 
 def pipelines(model: Path | str, variant_unet: Any = None) -> dict[str, Any]:

@@ -207,12 +207,10 @@ class TextEncoderRuntime(StageRuntime):
             prompt = _TextualInversionLoader().maybe_convert_prompt(prompt, self.tokenizer)
         fragments = prompts.parse(prompt)
         if prompts.is_plain(fragments):
-            text = prompts.plain_text(fragments)
-            if len(self._tokenize(text)) <= prompts.CHUNK_TOKENS:
-                tokens = self.tokenizer(
-                    text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-                )
-                return PromptPlan((tuple(tokens.input_ids),), (None,), (sum(tokens.attention_mask),))
+            ids = self._tokenize(prompts.plain_text(fragments))
+            if len(ids) <= prompts.CHUNK_TOKENS:
+                # BOS, tokens, EOS, padding: the row the tokenizer itself makes with padding="max_length".
+                return PromptPlan((self._row(tuple(ids)),), (None,), (len(ids) + 2,))
         chunks = prompts.chunks(fragments, self._tokenize)
         if len(chunks) > prompts.MAX_CHUNKS:
             raise InvalidValue(

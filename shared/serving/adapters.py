@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import InvalidValue, NotFound
+from shared.protocol import ADAPTER_NAME
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_PATTERN = re.compile(ADAPTER_NAME)
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 #: Largest safetensors header read (the JSON index of the tensors; real ones are a few hundred KB at most).
