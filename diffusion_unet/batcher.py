@@ -2,7 +2,8 @@
 
 Before every step, on the model thread, the batcher admits waiting requests (up to ``max_images`` images in
 flight), drops requests whose caller went away, groups the active jobs whose inputs can be concatenated
-(``DenoiseJob.key``: same variant, latent size and embedding shape) and runs one UNet forward per group.
+(``DenoiseJob.key``: same variant, latent size and embedding shape; LoRA sets may differ) and runs one UNet
+forward per group.
 Each job then steps its *own* scheduler on its slice, with its own timestep, guidance scale, step count and
 generators, so a 4-step request that arrives during a 50-step one finishes after about 4 steps instead of
 waiting for all 50. With ``max_images`` = 1 (batching off) requests run one after another, each alone.

@@ -84,9 +84,9 @@ class DenoiseJob:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one UNet forward: same variant, LoRAs (names and weights), latent size
-        and embedding shape. ControlNet would join this key."""
-        return (self.variant.name, self.loras, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
+        """Jobs with equal keys can share one UNet forward: same variant, latent size and embedding shape. LoRAs
+        are not part of it: a forward runs each job's rows under its own LoRA set (``LoraStore.rows``)."""
+        return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
 
     @property
     def rows(self) -> int:
@@ -298,19 +298,26 @@ def prepare_mask_latents(
 
 def step(jobs: list[DenoiseJob]) -> None:
     """7. One denoising step for every job in ``jobs`` (same variant, latent and embedding shapes) with a
-    single UNet forward. A lone job takes exactly the pipeline's path (a scalar timestep), so a request
-    served alone stays bit-identical to diffusers; batched, each row carries its own timestep."""
-    jobs[0].variant.loras.activate(jobs[0].loras)  # equal keys: the same LoRAs for every job here
+    single UNet forward. A lone job takes exactly the pipeline's path (a scalar timestep, ``set_adapters`` for
+    its LoRAs), so a request served alone stays bit-identical to diffusers; batched, each row carries its own
+    timestep, and jobs with different LoRA sets each get theirs on their own rows."""
+    loras = jobs[0].variant.loras
     inputs = [job.model_input() for job in jobs]
     unet = jobs[0].variant.unet
     if len(jobs) == 1:
         (x, t), job = inputs[0], jobs[0]
+        loras.activate(job.loras)
         noise_pred = unet(x, t, encoder_hidden_states=job.prompt_embeds, return_dict=False)[0]
         job.advance(noise_pred)
         return
     x = torch.cat([x for x, _ in inputs])
     t = torch.cat([t.reshape(1).to(x.device).expand(xi.shape[0]) for xi, t in inputs])
     embeds = torch.cat([job.prompt_embeds for job in jobs])
-    noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    if len({job.loras for job in jobs}) == 1:
+        loras.activate(jobs[0].loras)
+        noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    else:
+        with loras.rows([(xi.shape[0], job.loras) for job, (xi, _) in zip(jobs, inputs, strict=True)]):
+            noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
     for job, part in zip(jobs, noise_pred.split([xi.shape[0] for xi, _ in inputs]), strict=True):
         job.advance(part)

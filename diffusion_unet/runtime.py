@@ -238,4 +238,6 @@ class UNetRuntime(StageRuntime):
         started = time.perf_counter()  # building the scheduler (~2 ms) is part of the request's compute
         variant = self.variant(req.model)
         scheduler = self.make_scheduler(variant, req.scheduler, req.seeds)
-        return prepare_job(req, variant, scheduler, self.device, self.dtype, started)
+        job = prepare_job(req, variant, scheduler, self.device, self.dtype, started)
+        variant.loras.load(job.loras)  # here, so a LoRA that does not fit fails this request, not its batch
+        return job

@@ -8,6 +8,14 @@ module is only touched on the stage's model thread.
 
 A LoRA file with no keys for this module is loaded as nothing (a UNet-only LoRA in the text encoder). One
 whose keys or shapes do not fit the module is refused with 422 and leaves the module as it was.
+
+Requests with *different* LoRA sets can share one forward (``rows``): the module runs with its adapters
+disabled, and a hook on every LoRA layer adds each row group's own LoRAs (``lora_B(lora_A(x[rows])) * scale
+* weight``) to that group's rows of the base output. This is PEFT's mixed-batch forward (``adapter_names`` per
+row) generalised from one adapter per row to a weighted *set* per row, which PEFT cannot express: its
+per-adapter ``scaling`` is shared by every row. The arithmetic is PEFT's own, on a row slice, so a request in a
+mixed batch is within rounding (2/255) of itself alone; a forward whose rows all carry one set takes the plain
+``set_adapters`` path instead.
 """
 
 from __future__ import annotations
@@ -16,13 +24,15 @@ import hashlib
 import logging
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 from diffusers.utils.peft_utils import delete_adapter_layers, set_adapter_layers, set_weights_and_activate_adapters
+from peft.tuners.lora import LoraLayer
 
 from shared.errors import InvalidValue
 from shared.serving.adapters import AdapterRoot
@@ -75,8 +85,7 @@ class LoraStore:
     # ------------------------------------------------------------------ on the model thread
     def activate(self, loras: LoraSet) -> None:
         """Make exactly ``loras`` (with their weights) active; load the ones not loaded yet."""
-        for name, _ in loras:
-            self._ensure(name)
+        self.load(loras)
         wanted = tuple((self._loaded[n].adapter, w) for n, w in loras if self._loaded[n].adapter is not None)
         if wanted == self._active:
             return
@@ -96,10 +105,66 @@ class LoraStore:
                 set_adapter_layers(self.module, enabled=False)
         self._active = tuple((str(a), w) for a, w in wanted)
 
+    def load(self, loras: LoraSet, *, keep: frozenset[str] = frozenset()) -> None:
+        """Load the LoRAs of ``loras`` not loaded yet; evictions spare ``keep`` and ``loras`` themselves."""
+        keep = keep | {name for name, _ in loras}
+        for name, _ in loras:
+            self._ensure(name, keep)
+
+    @contextmanager
+    def rows(self, groups: Sequence[tuple[int, LoraSet]]) -> Iterator[None]:
+        """Within the block, one forward of the module serves consecutive row groups, each ``(rows, loras)``
+        under its own LoRA set (see the module docstring). Every LoRA named must fit the cache at once; one
+        that does not load fails the whole forward."""
+        every = frozenset(name for _, loras in groups for name, _ in loras)
+        for _, loras in groups:
+            self.load(loras, keep=every)
+        plan: list[tuple[slice, list[tuple[str, float]]]] = []
+        start = 0
+        for count, loras in groups:
+            adapters = [(self._loaded[n].adapter, w) for n, w in loras if self._loaded[n].adapter is not None]
+            if adapters:
+                plan.append((slice(start, start + count), [(str(a), w) for a, w in adapters]))
+            start += count
+        total = start
+        used = sorted({adapter for _, adapters in plan for adapter, _ in adapters})
+        if not used:  # no group has a LoRA for this module: the base forward
+            self.activate(())
+            yield
+            return
+
+        def add_lora_rows(layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            if x.shape[0] != total or output.shape[0] != total:
+                raise RuntimeError(f"LoRA rows: a layer saw batch {x.shape[0]}, the plan has {total} rows")
+            for rows, adapters in plan:
+                part = x[rows]
+                for adapter, weight in adapters:
+                    if adapter not in layer.lora_A:
+                        continue
+                    a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+                    delta = b(a(layer.lora_dropout[adapter](part.to(a.weight.dtype)))) * (
+                        layer.scaling[adapter] * weight
+                    )
+                    output[rows] += delta.to(output.dtype)
+            return output
+
+        # Unit scales (the request weights are applied per row), then the base path in every LoRA layer.
+        set_weights_and_activate_adapters(self.module, used, [1.0] * len(used))
+        set_adapter_layers(self.module, enabled=False)
+        self._active = None
+        layers = [m for m in self.module.modules() if isinstance(m, LoraLayer)]
+        handles = [layer.register_forward_hook(add_lora_rows) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _loaded_any(self) -> bool:
         return any(entry.adapter is not None for entry in self._loaded.values())
 
-    def _ensure(self, name: str) -> None:
+    def _ensure(self, name: str, keep: frozenset[str] = frozenset()) -> None:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
@@ -113,7 +178,7 @@ class LoraStore:
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise self._refused(name, exc) from None
             mine = {k: v for k, v in state.items() if k.startswith(f"{self.component}.")}
-            self._make_room()
+            self._make_room(keep)
             adapter = None
             if mine:
                 self._counter += 1
@@ -140,9 +205,13 @@ class LoraStore:
         where = self.component.replace("_", " ")
         return InvalidValue(f"LoRA {name!r} does not fit this model's {where}: {reason}", param="loras")
 
-    def _make_room(self) -> None:
-        while len(self._loaded) >= self.capacity:
-            old_name, old = self._loaded.popitem(last=False)
+    def _make_room(self, keep: frozenset[str]) -> None:
+        """Unload least recently used LoRAs down to ``capacity`` - 1, sparing ``keep`` (the ones the current
+        forward needs: the cache may exceed its bound for as long as that forward needs more)."""
+        spare = [n for n in self._loaded if n not in keep]
+        while len(self._loaded) >= self.capacity and spare:
+            old_name = spare.pop(0)
+            old = self._loaded.pop(old_name)
             if old.adapter is not None:
                 self._delete(old.adapter)
             log.info("LoRA %r unloaded from the %s (cache of %d)", old_name, self.component, self.capacity)
