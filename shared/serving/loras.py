@@ -153,7 +153,7 @@ class LoraStore:
         set_weights_and_activate_adapters(self.module, used, [1.0] * len(used))
         set_adapter_layers(self.module, enabled=False)
         self._active = None
-        layers: list[torch.nn.Module] = [m for m in self.module.modules() if isinstance(m, LoraLayer)]
+        layers = [m for m in self.module.modules() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)]
         handles = [layer.register_forward_hook(add_lora_rows) for layer in layers]
         try:
             yield
