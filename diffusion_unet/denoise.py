@@ -76,6 +76,9 @@ class DenoiseJob:
     started: float
     inpaint: InpaintState | None = None
     loras: LoraSet = ()
+    #: The LoRAs a job sharing this one's forward must have too: () when its set can be mixed with others
+    #: (``LoraStore.rows``), the set itself when not (a DoRA LoRA, or mixing turned off).
+    lora_key: LoraSet = ()
     index: int = 0
 
     @property
@@ -84,9 +87,9 @@ class DenoiseJob:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one UNet forward: same variant, latent size and embedding shape. LoRAs
-        are not part of it: a forward runs each job's rows under its own LoRA set (``LoraStore.rows``)."""
-        return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]))
+        """Jobs with equal keys can share one UNet forward: same variant, latent size, embedding shape and
+        ``lora_key``. Mixable LoRA sets are not part of it: a forward runs each job's rows under its own set."""
+        return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]), self.lora_key)
 
     @property
     def rows(self) -> int:

@@ -240,4 +240,6 @@ class UNetRuntime(StageRuntime):
         scheduler = self.make_scheduler(variant, req.scheduler, req.seeds)
         job = prepare_job(req, variant, scheduler, self.device, self.dtype, started)
         variant.loras.load(job.loras)  # here, so a LoRA that does not fit fails this request, not its batch
+        if not (self.settings.lora_mixed_batches and variant.loras.mixable(job.loras)):
+            job.lora_key = job.loras
         return job

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     lora_cache_size: int = Field(
         default=8, ge=1, description="LoRAs each text encoder / UNet keeps loaded (least recently used out)."
     )
+    lora_mixed_batches: bool = Field(
+        default=True,
+        description="UNet: requests with different LoRA sets share a forward (each row its own LoRAs); false "
+        "gives each LoRA set forwards of its own.",
+    )
     unet_variants: str = Field(
         default="",
         description="Extra UNets as name=path,... (model dir or bare UNet folder); inpaint uses `inpainting`.",

@@ -28,9 +28,11 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(model: Path, out: Path, name: str, seed: int, *, text_encoder: bool = True, kohya: bool = False) -> Path:
+def make_lora(
+    model: Path, out: Path, name: str, seed: int, *, text_encoder: bool = True, kohya: bool = False, dora: bool = False
+) -> Path:
     """A random LoRA for ``model`` built with PEFT, saved with diffusers as ``out/<name>.safetensors`` (or in
-    kohya/A1111 key format, converted with diffusers' ``convert_state_dict_to_kohya``)."""
+    kohya/A1111 key format, converted with diffusers' ``convert_state_dict_to_kohya``; ``dora``: a DoRA one)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -40,7 +42,7 @@ def make_lora(model: Path, out: Path, name: str, seed: int, *, text_encoder: boo
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False, use_dora=dora))
     peft_layers = {"unet": get_peft_model_state_dict(unet)}
     if text_encoder:
         te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
@@ -63,6 +65,7 @@ def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     make_lora(tiny_model, root, "pastel", seed=2)
     make_lora(tiny_model, root, "unet-only", seed=3, text_encoder=False)
     make_lora(tiny_model, root, "kohya-style", seed=5, kohya=True)
+    make_lora(tiny_model, root, "dora", seed=6, text_encoder=False, dora=True)
     # A LoRA made for another architecture (diffusers' test sizes: other widths) must be refused.
     other = create_tiny(tmp_path_factory.mktemp("other") / "m", preset="diffusers-tiny")
     make_lora(other, root, "foreign", seed=4)
@@ -110,8 +113,8 @@ def call(seed: int = 5) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "loras",
-    [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [("unet-only", 1.5)], [("kohya-style", 0.9)]],
-    ids=["one", "two-weighted", "unet-only", "kohya-keys"],
+    [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [("unet-only", 1.5)], [("kohya-style", 0.9)], [("dora", 0.8)]],
+    ids=["one", "two-weighted", "unet-only", "kohya-keys", "dora"],
 )
 def test_loras_match_load_lora_weights(stages: dict[str, Any], tiny_model: Path, lora_dir: Path, loras: Any) -> None:
     r = stages["client"].post("/v1/txt2img", json=body(loras))
@@ -139,7 +142,7 @@ def test_the_cache_is_bounded_and_switching_stays_exact(
         assert max_diff(ours, reference(tiny_model, lora_dir, loras, **call(2))) == 0, loras
         assert stages["unet"].variants["base"].loras.loaded <= 2 and stages["te"].loras.loaded <= 2
     config = client.get("/v1/info").json()["stages"]["diffusion_unet"]["config"]
-    assert config["loras"] == ["foreign", "ink", "kohya-style", "pastel", "unet-only"]
+    assert config["loras"] == ["dora", "foreign", "ink", "kohya-style", "pastel", "unet-only"]
 
 
 MIXED = [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [], [("unet-only", 1.5)], [("ink", 0.3)]]
@@ -206,6 +209,23 @@ def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
     assert torch.equal(_run(unet, reqs[:1])[0].latents, alone[0])
 
 
+def test_dora_and_mixing_turned_off_keep_one_lora_set_per_forward(stages: dict[str, Any]) -> None:
+    """A DoRA LoRA has PEFT's own forward, which the row hooks do not reproduce: its jobs share forwards only
+    with the same set. With ``lora_mixed_batches`` off, no two different sets share a forward."""
+    unet, te = stages["unet"], stages["te"]
+    sets = [[], [("ink", 1.0)], [("pastel", 0.5)], [("dora", 1.0)]]
+    reqs = _denoise_requests(te, sets, steps=[3, 3, 3, 3])
+    with torch.inference_mode():
+        keys = [unet.prepare(r).key for r in reqs]
+        assert keys[0] == keys[1] == keys[2] != keys[3]
+        saved = unet.settings
+        unet.settings = saved.model_copy(update={"lora_mixed_batches": False})
+        try:
+            assert len({unet.prepare(r).key for r in reqs}) == 4
+        finally:
+            unet.settings = saved
+
+
 def test_concurrent_requests_with_different_loras_each_within_two_levels(
     stages: dict[str, Any], tiny_model: Path, lora_dir: Path
 ) -> None:
@@ -222,7 +242,7 @@ def test_concurrent_requests_with_different_loras_each_within_two_levels(
 def test_unknown_bad_duplicate_and_foreign_loras_are_4xx(stages: dict[str, Any], sd_pipeline: Any) -> None:
     client = stages["client"]
     err = assert_envelope(client.post("/v1/txt2img", json=body([("nope", 1.0)])), 404, param="loras")
-    assert "available: foreign, ink, kohya-style, pastel, unet-only" in err["message"]
+    assert "available: dora, foreign, ink, kohya-style, pastel, unet-only" in err["message"]
     assert_envelope(client.post("/v1/txt2img", json=body([("../ink", 1.0)])), 422)
     assert_envelope(client.post("/v1/txt2img", json=body([("ink", 1.0), ("ink", 0.5)])), 422)
     assert_envelope(client.post("/v1/txt2img", json=body([("ink", float("1e9"))])), 422)

@@ -49,6 +49,7 @@ class _Loaded:
     adapter: str | None  # PEFT adapter name in the module; None: the file has nothing for this module
     fingerprint: str
     parameters: int
+    mixable: bool  # plain LoRA layers only: DoRA and other PEFT variants cannot take the row-grouped forward
 
 
 class LoraStore:
@@ -77,6 +78,10 @@ class LoraStore:
     @property
     def parameter_bytes(self) -> int:
         return sum(entry.parameters for entry in self._loaded.values()) * 4
+
+    def mixable(self, loras: LoraSet) -> bool:
+        """Whether ``loras`` (loaded) can share a forward with other sets through ``rows``."""
+        return all(self._loaded[name].mixable for name, _ in loras)
 
     def fingerprints(self, loras: LoraSet) -> tuple[str, ...]:
         """The loaded files' fingerprints, for cache keys (call after ``activate``)."""
@@ -127,6 +132,8 @@ class LoraStore:
                 plan.append((slice(start, start + count), [(str(a), w) for a, w in adapters]))
             start += count
         total = start
+        if not all(self.mixable(loras) for _, loras in groups):
+            raise RuntimeError("LoRA rows: a DoRA (or other PEFT variant) LoRA cannot share a forward")
         used = sorted({adapter for _, adapters in plan for adapter, _ in adapters})
         if not used:  # no group has a LoRA for this module: the base forward
             self.activate(())
@@ -153,13 +160,15 @@ class LoraStore:
         set_weights_and_activate_adapters(self.module, used, [1.0] * len(used))
         set_adapter_layers(self.module, enabled=False)
         self._active = None
-        layers = [m for m in self.module.modules() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)]
-        handles = [layer.register_forward_hook(add_lora_rows) for layer in layers]
+        handles = [layer.register_forward_hook(add_lora_rows) for layer in self._layers()]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _layers(self) -> list[torch.nn.Module]:
+        return [m for m in self.module.modules() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)]
 
     def _loaded_any(self) -> bool:
         return any(entry.adapter is not None for entry in self._loaded.values())
@@ -195,7 +204,8 @@ class LoraStore:
                     self._delete(adapter)
                     raise self._refused(name, exc) from None
         fingerprint = hashlib.sha256(file.path.read_bytes()).hexdigest()[:16]
-        self._loaded[name] = _Loaded(adapter, fingerprint, sum(v.numel() for v in mine.values()))
+        mixable = adapter is None or not any(adapter in getattr(m, "lora_variant", {}) for m in self._layers())
+        self._loaded[name] = _Loaded(adapter, fingerprint, sum(v.numel() for v in mine.values()), mixable)
         self._active = None
         log.info("LoRA %r loaded into the %s (%d tensors)", name, self.component, len(mine))
 
