@@ -38,6 +38,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.split_overhead
 	$(PY) -m bench.throughput
+	$(PY) -m bench.lora_mix --preset tiny --size 64 --steps 20
+	$(PY) -m bench.lora_mix
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -29,10 +29,20 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def make_lora(
-    model: Path, out: Path, name: str, seed: int, *, text_encoder: bool = True, kohya: bool = False, dora: bool = False
+    model: Path,
+    out: Path,
+    name: str,
+    seed: int,
+    *,
+    text_encoder: bool = True,
+    kohya: bool = False,
+    dora: bool = False,
+    targets: tuple[str, ...] = (),
+    bias: bool = False,
 ) -> Path:
     """A random LoRA for ``model`` built with PEFT, saved with diffusers as ``out/<name>.safetensors`` (or in
-    kohya/A1111 key format, converted with diffusers' ``convert_state_dict_to_kohya``; ``dora``: a DoRA one)."""
+    kohya/A1111 key format, converted with diffusers' ``convert_state_dict_to_kohya``; ``dora``: a DoRA one;
+    ``targets``: UNet modules beside the attention projections; ``bias``: PEFT's ``lora_bias``)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -42,7 +52,13 @@ def make_lora(
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False, use_dora=dora))
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS + list(targets), init_lora_weights=False,
+                        use_dora=dora, lora_bias=bias)  # fmt: skip
+    unet.add_adapter(config)
+    if bias:  # PEFT starts lora_B's bias at zero; a random one makes it matter
+        for key, param in unet.named_parameters():
+            if "lora_B" in key and key.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.05)
     peft_layers = {"unet": get_peft_model_state_dict(unet)}
     if text_encoder:
         te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
@@ -66,6 +82,8 @@ def lora_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     make_lora(tiny_model, root, "unet-only", seed=3, text_encoder=False)
     make_lora(tiny_model, root, "kohya-style", seed=5, kohya=True)
     make_lora(tiny_model, root, "dora", seed=6, text_encoder=False, dora=True)
+    make_lora(tiny_model, root, "convs", seed=7, text_encoder=False, targets=("conv1", "conv2"))
+    make_lora(tiny_model, root, "biased", seed=8, text_encoder=False, bias=True)
     # A LoRA made for another architecture (diffusers' test sizes: other widths) must be refused.
     other = create_tiny(tmp_path_factory.mktemp("other") / "m", preset="diffusers-tiny")
     make_lora(other, root, "foreign", seed=4)
@@ -113,8 +131,15 @@ def call(seed: int = 5) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "loras",
-    [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [("unet-only", 1.5)], [("kohya-style", 0.9)], [("dora", 0.8)]],
-    ids=["one", "two-weighted", "unet-only", "kohya-keys", "dora"],
+    [
+        [("ink", 1.0)],
+        [("ink", 0.6), ("pastel", -0.4)],
+        [("unet-only", 1.5)],
+        [("kohya-style", 0.9)],
+        [("dora", 0.8)],
+        [("convs", 1.0), ("biased", 0.7)],
+    ],
+    ids=["one", "two-weighted", "unet-only", "kohya-keys", "dora", "conv-and-bias"],
 )
 def test_loras_match_load_lora_weights(stages: dict[str, Any], tiny_model: Path, lora_dir: Path, loras: Any) -> None:
     r = stages["client"].post("/v1/txt2img", json=body(loras))
@@ -142,10 +167,12 @@ def test_the_cache_is_bounded_and_switching_stays_exact(
         assert max_diff(ours, reference(tiny_model, lora_dir, loras, **call(2))) == 0, loras
         assert stages["unet"].variants["base"].loras.loaded <= 2 and stages["te"].loras.loaded <= 2
     config = client.get("/v1/info").json()["stages"]["diffusion_unet"]["config"]
-    assert config["loras"] == ["dora", "foreign", "ink", "kohya-style", "pastel", "unet-only"]
+    assert config["loras"] == ["biased", "convs", "dora", "foreign", "ink", "kohya-style", "pastel", "unet-only"]
 
 
-MIXED = [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [], [("unet-only", 1.5)], [("ink", 0.3)]]
+MIXED = [[("ink", 1.0)], [("ink", 0.6), ("pastel", -0.4)], [], [("unet-only", 1.5)], [("ink", 0.3)], [("convs", 1.2)]]
+# A LoRA with a bias on lora_B is added per row group (the fused path covers plain Linear and Conv2d LoRAs).
+MIXED_BIASED = [[("biased", 1.0)], [("ink", 0.8)], []]
 
 
 def _denoise_requests(te: Any, sets: list[list[tuple[str, float]]], steps: list[int]) -> list[Any]:
@@ -174,16 +201,19 @@ def _run(unet: Any, reqs: list[Any]) -> list[Any]:
         return jobs
 
 
+@pytest.mark.parametrize(("sets", "steps"), [(MIXED, [6, 4, 6, 5, 7, 7]), (MIXED_BIASED, [5, 5, 4])],
+                         ids=["fused", "per-group"])  # fmt: skip
 def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
-    stages: dict[str, Any], vae_runtime: Any
+    stages: dict[str, Any], vae_runtime: Any, sets: list[list[tuple[str, float]]], steps: list[int]
 ) -> None:
-    """Five requests, five LoRA sets (one LoRA, two weighted, none, UNet-only, the first at another weight),
-    different step counts: every step is one UNet forward for all of them (``LoraStore.rows``), more LoRAs at
-    once than the cache holds (2), and each image is within 2/255 of that request served alone (SPEC §8)."""
+    """Requests with different LoRA sets (``MIXED``: one LoRA, two weighted, none, UNet-only, the first at
+    another weight, one on the resnets' convs) and step counts: every step is one UNet forward for all of them
+    (``LoraStore.rows``), with more LoRAs at once than the cache holds (2), and each image is within 2/255 of
+    that request served alone (SPEC §8)."""
     from shared.protocol import DecodeRequest
 
     unet, te = stages["unet"], stages["te"]
-    reqs = _denoise_requests(te, MIXED, steps=[6, 4, 6, 5, 6])
+    reqs = _denoise_requests(te, sets, steps=steps)
     alone = [_run(unet, [r])[0].latents for r in reqs]
     calls = {"n": 0, "rows": 0}
     hook = unet.variants["base"].unet.register_forward_pre_hook(
@@ -194,19 +224,27 @@ def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
     finally:
         hook.remove()
     together = [j.latents for j in jobs]
-    # One forward per step of the longest job; the first ones carry 5 requests x 2 guidance rows.
-    assert calls == {"n": max(len(j.timesteps) for j in jobs), "rows": 10}
+    # The path meant was taken (by the last steps, of the longest jobs): fused Linear and Conv2d LoRAs, or
+    # per group for a lora_bias.
+    fused = unet.variants["base"].loras._fused.values()
+    if sets is MIXED:
+        assert any(f.conv is not None for f in fused) and any(f.a is not None and f.conv is None for f in fused)
+    else:
+        assert any(f.groups is not None for f in fused)
+    # One forward per step of the longest job; the first ones carry every request's 2 guidance rows.
+    assert calls == {"n": max(len(j.timesteps) for j in jobs), "rows": 2 * len(sets)}
 
     def pixels(latents: torch.Tensor) -> np.ndarray:
         return vae_runtime.decode(DecodeRequest(latents=latents)).images.numpy().astype(np.int16)
 
-    for loras, a, b in zip(MIXED, alone, together, strict=True):
+    for loras, a, b in zip(sets, alone, together, strict=True):
         assert int(np.abs(pixels(a) - pixels(b)).max()) <= 2, loras
     # Each row really got its own LoRAs: the LoRA requests differ from the plain one run beside them.
-    assert all(int(np.abs(pixels(b) - pixels(together[2])).max()) > 2 for b in together[:2])
-    # No hook is left behind, and the module is back to exact single-set serving.
-    assert not any(m._forward_hooks for m in unet.variants["base"].unet.modules())
+    plain = pixels(together[sets.index([])])
+    assert all(int(np.abs(pixels(b) - plain).max()) > 2 for loras, b in zip(sets, together, strict=True) if loras)
+    # A lone request afterwards takes the plain path again: exact, and no row hook is left behind.
     assert torch.equal(_run(unet, reqs[:1])[0].latents, alone[0])
+    assert not any(m._forward_hooks for m in unet.variants["base"].unet.modules())
 
 
 def test_dora_and_mixing_turned_off_keep_one_lora_set_per_forward(stages: dict[str, Any]) -> None:
@@ -242,7 +280,7 @@ def test_concurrent_requests_with_different_loras_each_within_two_levels(
 def test_unknown_bad_duplicate_and_foreign_loras_are_4xx(stages: dict[str, Any], sd_pipeline: Any) -> None:
     client = stages["client"]
     err = assert_envelope(client.post("/v1/txt2img", json=body([("nope", 1.0)])), 404, param="loras")
-    assert "available: dora, foreign, ink, kohya-style, pastel, unet-only" in err["message"]
+    assert "available: biased, convs, dora, foreign, ink, kohya-style, pastel, unet-only" in err["message"]
     assert_envelope(client.post("/v1/txt2img", json=body([("../ink", 1.0)])), 422)
     assert_envelope(client.post("/v1/txt2img", json=body([("ink", 1.0), ("ink", 0.5)])), 422)
     assert_envelope(client.post("/v1/txt2img", json=body([("ink", float("1e9"))])), 422)

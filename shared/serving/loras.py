@@ -61,8 +61,13 @@ class LoraStore:
         self.component = component
         self.capacity = capacity
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
-        self._active: tuple[tuple[str, float], ...] | None = ()  # () = none active; None = unknown
+        # () = none active; ((adapter, weight), ...) = that set via set_adapters; ("rows", adapters) = the row
+        # hooks of ``rows`` with those adapters at unit scale; None = unknown.
+        self._active: tuple[Any, ...] | None = ()
         self._counter = 0
+        self._hooks: list[Any] = []
+        self._fused: dict[int, _RowLoras] = {}  # per LoRA layer (id), for the plan ``_fused_key``
+        self._fused_key: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ on any thread
     def check(self, loras: LoraSet) -> None:
@@ -94,6 +99,7 @@ class LoraStore:
         wanted = tuple((self._loaded[n].adapter, w) for n, w in loras if self._loaded[n].adapter is not None)
         if wanted == self._active:
             return
+        self._remove_hooks()
         self._active = None  # a failure below leaves the state unknown: set it again next time
         if wanted:
             names, weights = [a for a, _ in wanted], [w for _, w in wanted]
@@ -124,48 +130,46 @@ class LoraStore:
         every = frozenset(name for _, loras in groups for name, _ in loras)
         for _, loras in groups:
             self.load(loras, keep=every)
-        plan: list[tuple[slice, list[tuple[str, float]]]] = []
-        start = 0
-        for count, loras in groups:
-            adapters = [(self._loaded[n].adapter, w) for n, w in loras if self._loaded[n].adapter is not None]
-            if adapters:
-                plan.append((slice(start, start + count), [(str(a), w) for a, w in adapters]))
-            start += count
-        total = start
         if not all(self.mixable(loras) for _, loras in groups):
             raise RuntimeError("LoRA rows: a DoRA (or other PEFT variant) LoRA cannot share a forward")
-        used = sorted({adapter for _, adapters in plan for adapter, _ in adapters})
+        plan: list[tuple[int, int, tuple[tuple[str, float], ...]]] = []
+        start = 0
+        for count, loras in groups:
+            adapters = tuple((str(self._loaded[n].adapter), w) for n, w in loras if self._loaded[n].adapter)
+            plan.append((start, start + count, adapters))
+            start += count
+        used = tuple(sorted({adapter for *_, adapters in plan for adapter, _ in adapters}))
         if not used:  # no group has a LoRA for this module: the base forward
             self.activate(())
             yield
             return
+        if self._active != ("rows", used):
+            # Unit scales (the request weights go in per row), the base path in every LoRA layer, and the hooks
+            # that add each row's LoRAs; they stay until a forward takes the plain path again (``activate``).
+            self._remove_hooks()
+            set_weights_and_activate_adapters(self.module, list(used), [1.0] * len(used))
+            set_adapter_layers(self.module, enabled=False)
+            self._hooks = [layer.register_forward_hook(self._add_rows) for layer in self._layers()]
+            self._active = ("rows", used)
+            self._fused.clear()
+        key = tuple(plan)
+        if key != self._fused_key:
+            self._fused = {id(layer): _RowLoras.build(layer, used, plan, start) for layer in self._layers()}
+            self._fused_key = key
+        yield
 
-        def add_lora_rows(layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            if x.shape[0] != total or output.shape[0] != total:
-                raise RuntimeError(f"LoRA rows: a layer saw batch {x.shape[0]}, the plan has {total} rows")
-            for rows, adapters in plan:
-                part = x[rows]
-                for adapter, weight in adapters:
-                    if adapter not in layer.lora_A:
-                        continue
-                    a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-                    delta = b(a(layer.lora_dropout[adapter](part.to(a.weight.dtype)))) * (
-                        layer.scaling[adapter] * weight
-                    )
-                    output[rows] += delta.to(output.dtype)
-            return output
+    def _add_rows(self, layer: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        fused = self._fused.get(id(layer))
+        if fused is None:  # a forward outside ``rows`` (cannot happen: ``activate`` removes the hooks first)
+            raise RuntimeError("LoRA rows: a hooked layer ran outside a rows() forward")
+        return fused.add(layer, args[0], output)
 
-        # Unit scales (the request weights are applied per row), then the base path in every LoRA layer.
-        set_weights_and_activate_adapters(self.module, used, [1.0] * len(used))
-        set_adapter_layers(self.module, enabled=False)
-        self._active = None
-        handles = [layer.register_forward_hook(add_lora_rows) for layer in self._layers()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._fused.clear()
+        self._fused_key = None
 
     def _layers(self) -> list[torch.nn.Module]:
         return [m for m in self.module.modules() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)]
@@ -233,6 +237,73 @@ class LoraStore:
             else:
                 delete_adapter_layers(self.module, adapter)
         self._active = None
+
+
+@dataclass
+class _RowLoras:
+    """One LoRA layer's part in a ``rows`` forward: its adapters fused into one ``lora_A`` (ranks stacked) and
+    one ``lora_B``, and per row the scale of each rank (the LoRA's ``alpha / r`` × the row's weight, 0 for a
+    LoRA the row does not use). Then ``out += B(A(x) * scale)`` adds every row's own set in three ops,
+    however many groups the batch has. Layers other than plain Linear / Conv2d LoRAs (a bias, grouped conv)
+    take the per-group path (``groups``)."""
+
+    total: int
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    conv: dict[str, Any] | None = None
+    groups: list[tuple[int, int, tuple[tuple[str, float], ...]]] | None = None
+
+    @classmethod
+    def build(cls, layer: Any, used: tuple[str, ...], plan: list[Any], total: int) -> _RowLoras:
+        present = [adapter for adapter in used if adapter in layer.lora_A]
+        if not present:
+            return cls(total)
+        downs = [layer.lora_A[adapter] for adapter in present]
+        ups = [layer.lora_B[adapter] for adapter in present]
+        modules = downs + ups
+        linear = all(type(m) is torch.nn.Linear for m in modules)
+        conv = (
+            all(type(m) is torch.nn.Conv2d and m.groups == 1 for m in modules)
+            and len({(m.stride, m.padding, m.dilation) for m in downs}) == 1
+        )
+        if not (linear or conv) or any(m.bias is not None for m in modules):
+            return cls(total, groups=plan)
+        ranks = [m.weight.shape[0] for m in downs]
+        first = downs[0].weight
+        scale = torch.zeros(total, sum(ranks), dtype=first.dtype, device=first.device)
+        for lo, hi, adapters in plan:
+            for adapter, weight in adapters:
+                if adapter in present:
+                    i = present.index(adapter)
+                    scale[lo:hi, sum(ranks[:i]) : sum(ranks[: i + 1])] = layer.scaling[adapter] * weight
+        down, up = downs[0], torch.cat([m.weight for m in ups], dim=1)
+        a = torch.cat([m.weight for m in downs])
+        geometry = {"stride": down.stride, "padding": down.padding, "dilation": down.dilation} if conv else None
+        return cls(total, a=a, b=up, scale=scale, conv=geometry)
+
+    def add(self, layer: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.total or out.shape[0] != self.total:
+            raise RuntimeError(f"LoRA rows: a layer saw batch {x.shape[0]}, the plan has {self.total} rows")
+        if self.groups is not None:
+            for lo, hi, adapters in self.groups:
+                for adapter, weight in adapters:
+                    if adapter in layer.lora_A:
+                        down, up = layer.lora_A[adapter], layer.lora_B[adapter]
+                        part = layer.lora_dropout[adapter](x[lo:hi].to(down.weight.dtype))
+                        out[lo:hi] += (up(down(part)) * (layer.scaling[adapter] * weight)).to(out.dtype)
+            return out
+        if self.a is None or self.b is None or self.scale is None:
+            return out
+        x = x.to(self.a.dtype)
+        if self.conv is not None:
+            h = torch.nn.functional.conv2d(x, self.a, None, **self.conv) * self.scale[:, :, None, None]
+            delta = torch.nn.functional.conv2d(h, self.b)
+        else:
+            h = torch.nn.functional.linear(x, self.a)
+            delta = torch.nn.functional.linear(h * self.scale.view(self.total, *[1] * (h.dim() - 2), -1), self.b)
+        out += delta.to(out.dtype)
+        return out
 
 
 def lora_set(loras: Sequence[Any] | None) -> LoraSet:
