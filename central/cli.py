@@ -69,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_create_tiny)
+    convert = msub.add_parser(
+        "convert",
+        help="convert a single-file SD 1.x checkpoint (.safetensors, original LDM/A1111 layout) to a diffusers "
+        "directory, offline",
+    )
+    convert.add_argument(
+        "checkpoint", type=Path, metavar="CHECKPOINT", help="the .safetensors file (pickle formats are refused)"
+    )
+    convert.add_argument(
+        "out_dir", type=Path, metavar="OUT_DIR", help="the diffusers directory to write (TRIPTYCH_MODEL=OUT_DIR)"
+    )
+    convert.add_argument(
+        "--config",
+        type=Path,
+        metavar="DIR",
+        help="a diffusers SD 1.x directory of the same architecture; only its configs and tokenizer are read. "
+        "Default: a built-in create-tiny preset, when the checkpoint's shapes are exactly one's",
+    )
+    convert.add_argument("--force", action="store_true", help="replace OUT_DIR when it exists and is not empty")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -268,6 +288,18 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
 
     path = create_tiny(args.path, preset=args.preset, inpainting=args.inpainting, seed=args.seed)
     print(f"wrote a random-weight {args.preset} model to {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from central.convert import ConversionError, convert_checkpoint
+
+    try:
+        converted = convert_checkpoint(args.checkpoint, args.out_dir, config=args.config, force=args.force)
+    except ConversionError as exc:
+        print(f"triptych: {exc}", file=sys.stderr)
+        return 2
+    print(converted.summary())
     return 0
 
 
