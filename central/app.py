@@ -30,6 +30,7 @@ from central.clients import (
     UNetClient,
     VaeClient,
 )
+from central.controlnet import attach_form_images
 from central.images import read_form
 from central.pipeline import Generation, Orchestrator
 from shared import __version__, wire
@@ -42,7 +43,14 @@ from shared.errors import (
     install_error_handlers,
     validation_error,
 )
-from shared.protocol import Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest, Txt2ImgResponse
+from shared.protocol import (
+    MAX_CONTROLNETS,
+    Img2ImgRequest,
+    InpaintRequest,
+    OutpaintRequest,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+)
 from shared.serving.http import read_body, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.settings import Settings, get_settings
@@ -155,15 +163,20 @@ OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 async def read_task_request(request: Request, settings: Settings, model: type[T]) -> T:
     """A task request from a JSON body, or (image tasks) from multipart/form-data with images as files."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    takes_files = "image" in model.model_fields
+    takes_files = _takes_files(model)
     if takes_files and content_type == "multipart/form-data":
-        fields, files = await read_form(request, max_bytes=2 * settings.max_image_bytes + settings.max_json_body_bytes)
+        images = 2 + MAX_CONTROLNETS  # image, mask_image, controlnet_image_<i>
+        fields, files = await read_form(
+            request, max_bytes=images * settings.max_image_bytes + settings.max_json_body_bytes, max_files=images
+        )
         data: dict[str, Any] = {**fields, **files}
-        if isinstance(data.get("loras"), str):  # a list in a form field: JSON text
-            try:
-                data["loras"] = orjson.loads(data["loras"])
-            except orjson.JSONDecodeError:
-                raise InvalidValue("`loras` must be a JSON list in a form field", param="loras") from None
+        for name in ("loras", "controlnets"):
+            if isinstance(data.get(name), str):  # a list in a form field: JSON text
+                try:
+                    data[name] = orjson.loads(data[name])
+                except orjson.JSONDecodeError:
+                    raise InvalidValue(f"`{name}` must be a JSON list in a form field", param=name) from None
+        attach_form_images(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -183,10 +196,15 @@ async def read_task_request(request: Request, settings: Settings, model: type[T]
         raise validation_error(errors) from None
 
 
+def _takes_files(model: type[BaseModel]) -> bool:
+    """Image tasks, and any task with ControlNets (their control images), also take multipart/form-data."""
+    return "image" in model.model_fields or "controlnets" in model.model_fields
+
+
 def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema()
     content: dict[str, Any] = {"application/json": {"schema": schema}}
-    if "image" in model.model_fields:
+    if _takes_files(model):
         content["multipart/form-data"] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}}
 
@@ -258,6 +276,10 @@ def build_app(
             else:
                 stages[name] = result.model_dump()
         return {"service": "central", "version": __version__, "stages": stages}
+
+    @app.get("/v1/models", summary="Models a request can name: base, UNet variants, LoRAs, embeddings, ControlNets")
+    async def list_models(orch: OrchestratorDep) -> dict[str, Any]:
+        return await orch.models()
 
     @app.get("/v1/schedulers", summary="Schedulers the UNet can use: diffusers class names and A1111 aliases")
     async def list_schedulers(orch: OrchestratorDep, model: str | None = None) -> list[dict[str, Any]]:

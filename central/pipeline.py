@@ -19,11 +19,13 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from starlette.concurrency import run_in_threadpool
 
+from central import controlnet
 from central.clients import TextEncoderClient, UNetClient, VaeClient
 from central.images import check_size_multiple, decode_image, decode_mask
 from shared import schedulers
 from shared.errors import InvalidValue, StageBadResponse, StageUnavailable
 from shared.protocol import (
+    ControlNetConditioning,
     DecodeRequest,
     DenoiseRequest,
     EncodeImageRequest,
@@ -68,7 +70,60 @@ def compatibility_problems(te: StageInfo, unet: StageInfo, vae: StageInfo) -> li
         in_ch, out_ch = u.get("in_channels"), u.get("out_channels")
         if isinstance(out_ch, int) and in_ch not in (out_ch, 2 * out_ch + 1):
             problems.append(f"input channels: {who} in_channels is {in_ch}; expected {out_ch} or {2 * out_ch + 1}")
+    # A LoRA name is one file for both stages that apply it: the same name with other bytes would give each
+    # stage a different LoRA (a name only one stage has is refused with 404 by the other, at request time).
+    te_loras, unet_loras = _lora_catalog(te), _lora_catalog(unet)
+    for name in sorted(te_loras.keys() & unet_loras.keys()):
+        check(f"LoRA {name!r}", "text_encoder fingerprint", te_loras[name]["fingerprint"],
+              "diffusion_unet fingerprint", unet_loras[name]["fingerprint"])  # fmt: skip
     return problems
+
+
+def _lora_catalog(info: StageInfo) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in info.config.get("adapters", {}).get("loras", [])}
+
+
+def models_catalog(te: StageInfo, unet: StageInfo, vae: StageInfo) -> dict[str, Any]:
+    """``GET /v1/models``: what a request can name, each with its fingerprint, from the stages' infos."""
+    variants = unet_variants(unet)
+
+    def unet_entry(name: str, config: dict[str, Any], source: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "source": source,
+            "fingerprint": config.get("fingerprint"),
+            "inpainting": config.get("in_channels") != config.get("out_channels"),
+            "default_scheduler": config.get("default_scheduler"),
+        }
+
+    base = unet_entry("base", variants["base"], unet.model.id)
+    base["fingerprint"] = unet.model.fingerprint
+    base["components"] = {
+        "text_encoder": {"source": te.model.id, "fingerprint": te.model.fingerprint},
+        "diffusion_unet": {"source": unet.model.id, "fingerprint": unet.model.fingerprint},
+        "vae_decoder": {"source": vae.model.id, "fingerprint": vae.model.fingerprint},
+    }
+    te_loras, unet_loras = _lora_catalog(te), _lora_catalog(unet)
+    loras = []
+    for name in sorted(te_loras.keys() | unet_loras.keys()):
+        entry = unet_loras.get(name) or te_loras[name]
+        stages = [
+            stage for stage, found in (("text_encoder", te_loras), ("diffusion_unet", unet_loras)) if name in found
+        ]
+        loras.append({"name": name, "fingerprint": entry["fingerprint"], "bytes": entry["bytes"], "stages": stages})
+    return {
+        "base": base,
+        "variants": [
+            unet_entry(name, config, str(config.get("source", "")))
+            for name, config in variants.items()
+            if name != "base"
+        ],
+        "loras": loras,
+        "embeddings": [
+            {"name": token, "fingerprint": fp} for token, fp in sorted(te.config.get("embeddings", {}).items())
+        ],
+        "controlnets": list(unet.config.get("adapters", {}).get("controlnets", [])),
+    }
 
 
 @dataclass
@@ -121,6 +176,10 @@ class Orchestrator:
 
     async def aclose(self) -> None:
         await asyncio.gather(self.text_encoder.aclose(), self.unet.aclose(), self.vae.aclose())
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: base, variants, LoRAs, embeddings and ControlNets with their fingerprints."""
+        return models_catalog(*await self.check())
 
     async def schedulers(self, model: str | None = None) -> list[dict[str, Any]]:
         """``GET /v1/schedulers``: the catalogue for the chosen UNet (default the base one)."""
@@ -175,6 +234,7 @@ class Orchestrator:
             "output_format": req.output_format,
             "model": model or "base",
             "loras": [lora.model_dump() for lora in req.loras],
+            "controlnets": [spec.parameters() for spec in req.controlnets],
         }
 
     # ------------------------------------------------------------------ image preprocessing
@@ -240,12 +300,35 @@ class Orchestrator:
             # Like keras-sd-serving: an inpainting UNet when one is hosted, else the base UNet with blending.
             model = INPAINTING_VARIANT if INPAINTING_VARIANT in unet_variants(unet_info) else None
         variant = self._variant(unet_info, model)
+        if req.controlnets and isinstance(req, (InpaintRequest, OutpaintRequest)):
+            # Not yet: StableDiffusionControlNetInpaintPipeline parity is not built or tested.
+            raise InvalidValue("`controlnets` work with /v1/txt2img and /v1/img2img only (for now)",
+                               param="controlnets")  # fmt: skip
         conditioning: Conditioning | None = None
         size: tuple[int, int] | None = None
         extra: dict[str, Any] = {}
         if isinstance(req, (Img2ImgRequest, InpaintRequest, OutpaintRequest)):
             conditioning, size, extra = await run_in_threadpool(self._prepare, req, int(variant["vae_scale_factor"]))
+        control_images: list[PIL.Image.Image] = []
+        if req.controlnets:
+            # StableDiffusionControlNetPipeline's output takes the control image's size unless told otherwise.
+            lim = self.settings
+            control_images = await run_in_threadpool(
+                controlnet.control_images,
+                req.controlnets,
+                max_bytes=lim.max_image_bytes,
+                max_pixels=lim.max_image_pixels,
+            )
+            if size is None:  # img2img: the init image's size, and the control images are resized to it
+                vsf = int(variant["vae_scale_factor"])
+                size = controlnet.default_size(control_images[0], req.width, req.height, vsf)
         p = {**self._resolve(req, variant, model, size), **extra}
+        control: list[ControlNetConditioning] = []
+        if req.controlnets:
+            control = await run_in_threadpool(
+                controlnet.conditionings, req.controlnets, control_images, p["width"], p["height"],
+                int(variant["vae_scale_factor"]),
+            )  # fmt: skip
         seeds = [p["seed"] + i for i in range(p["num_images"])]
         cfg = p["guidance_scale"] > 1.0
         hops: dict[str, float] = {}
@@ -314,6 +397,7 @@ class Orchestrator:
                 image=image,
                 mask=mask,
                 loras=req.loras,
+                controlnets=control,
             )
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000

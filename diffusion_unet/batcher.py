@@ -2,8 +2,8 @@
 
 Before every step, on the model thread, the batcher admits waiting requests (up to ``max_images`` images in
 flight), drops requests whose caller went away, groups the active jobs whose inputs can be concatenated
-(``DenoiseJob.key``: same variant, latent size and embedding shape; LoRA sets may differ) and runs one UNet
-forward per group.
+(``DenoiseJob.key``: same variant, latent size and embedding shape; mixable LoRA sets and ControlNets may
+differ) and runs one UNet forward per group.
 Each job then steps its *own* scheduler on its slice, with its own timestep, guidance scale, step count and
 generators, so a 4-step request that arrives during a 50-step one finishes after about 4 steps instead of
 waiting for all 50. With ``max_images`` = 1 (batching off) requests run one after another, each alone.
@@ -47,9 +47,11 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
         *,
         max_images: int,
         check: Callable[[DenoiseRequest], None] | None = None,
+        ready: Callable[[DenoiseRequest], bool] | None = None,
     ) -> None:
         super().__init__("unet-denoise", worker, check=check)
         self._prepare = prepare
+        self._ready = ready or (lambda _: True)
         self.max_images = max_images
         self._pending: deque[_Waiter] = deque()
         self._active: list[_Waiter] = []
@@ -65,18 +67,32 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
         self._pending.append(_Waiter(request, work))
 
     def has_work(self) -> bool:
-        return bool(self._pending or self._active)
+        """Called with ``worker.cond`` held. Waiting requests whose LoRAs are still being read are not work yet:
+        the reader wakes the worker when it is done (``LoraStore.prefetch``)."""
+        return bool(self._active) or any(self._ready(w.request) for w in self._pending)
 
     def _admit(self) -> list[_Waiter]:
-        """Waiting requests that fit next to the active ones (a lone request larger than the cap still runs)."""
+        """Waiting requests that fit next to the active ones, in arrival order (a lone request larger than the
+        cap still runs). A request whose LoRAs are still being read stays waiting without holding up the ones
+        behind it, so loading a LoRA never stalls the model thread (Katz-style overlap, minus the
+        approximation: the request starts only once its LoRAs are in, so it stays exact)."""
         with self.worker.cond:
             room = self.max_images - sum(w.images for w in self._active)
             admitted: list[_Waiter] = []
-            while self._pending and (self._pending[0].images <= room or (not self._active and not admitted)):
+            waiting: deque[_Waiter] = deque()
+            while self._pending:
                 waiter = self._pending.popleft()
-                if waiter.work.start():  # else its caller gave up while it was queued
-                    room -= waiter.images
-                    admitted.append(waiter)
+                if not self._ready(waiter.request):
+                    waiting.append(waiter)
+                elif waiter.images <= room or (not self._active and not admitted):
+                    if waiter.work.start():  # else its caller gave up while it was queued
+                        room -= waiter.images
+                        admitted.append(waiter)
+                else:  # the first that does not fit: it and everything after it wait for room
+                    waiting.append(waiter)
+                    waiting.extend(self._pending)
+                    self._pending.clear()
+            self._pending = waiting
             return admitted
 
     def run_once(self) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusion_unet import controlnets
+from diffusion_unet.controlnets import ControlNetUse, RowGroup
 from shared.errors import InvalidValue
 from shared.protocol import DenoiseRequest, DenoiseResponse, ImageConditioning, MaskConditioning
 from shared.serving.loras import LoraSet, LoraStore, lora_set
@@ -50,6 +52,7 @@ class UNetVariant:
     def config(self) -> dict[str, Any]:
         cfg = self.unet.config
         return {
+            "source": self.source,
             "cross_attention_dim": cfg.cross_attention_dim,
             "in_channels": cfg.in_channels,
             "out_channels": cfg.out_channels,
@@ -79,6 +82,8 @@ class DenoiseJob:
     #: The LoRAs a job sharing this one's forward must have too: () when its set can be mixed with others
     #: (``LoraStore.rows``), the set itself when not (a DoRA LoRA, or mixing turned off).
     lora_key: LoraSet = ()
+    #: Its ControlNets (``StableDiffusionControlNetPipeline``); jobs with different ones share forwards.
+    controlnets: tuple[ControlNetUse, ...] = ()
     index: int = 0
 
     @property
@@ -88,7 +93,8 @@ class DenoiseJob:
     @property
     def key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one UNet forward: same variant, latent size, embedding shape and
-        ``lora_key``. Mixable LoRA sets are not part of it: a forward runs each job's rows under its own set."""
+        ``lora_key``. Mixable LoRA sets are not part of it: a forward runs each job's rows under its own set; nor
+        are ControlNets: each runs on the rows of the jobs that use it (``controlnets.mixed``)."""
         return (self.variant.name, tuple(self.latents.shape[1:]), tuple(self.prompt_embeds.shape[1:]), self.lora_key)
 
     @property
@@ -302,25 +308,33 @@ def prepare_mask_latents(
 def step(jobs: list[DenoiseJob]) -> None:
     """7. One denoising step for every job in ``jobs`` (same variant, latent and embedding shapes) with a
     single UNet forward. A lone job takes exactly the pipeline's path (a scalar timestep, ``set_adapters`` for
-    its LoRAs), so a request served alone stays bit-identical to diffusers; batched, each row carries its own
-    timestep, and jobs with different LoRA sets each get theirs on their own rows."""
+    its LoRAs, its ControlNets as ``StableDiffusionControlNetPipeline`` runs them), so a request served alone
+    stays bit-identical to diffusers; batched, each row carries its own timestep, and jobs with different LoRA
+    sets or ControlNets each get theirs on their own rows."""
     loras = jobs[0].variant.loras
     inputs = [job.model_input() for job in jobs]
     unet = jobs[0].variant.unet
     if len(jobs) == 1:
         (x, t), job = inputs[0], jobs[0]
         loras.activate(job.loras)
-        noise_pred = unet(x, t, encoder_hidden_states=job.prompt_embeds, return_dict=False)[0]
+        control = controlnets.alone(job.controlnets, job.index, len(job.timesteps), x, t, job.prompt_embeds)
+        noise_pred = unet(x, t, encoder_hidden_states=job.prompt_embeds, **control, return_dict=False)[0]
         job.advance(noise_pred)
         return
     x = torch.cat([x for x, _ in inputs])
     t = torch.cat([t.reshape(1).to(x.device).expand(xi.shape[0]) for xi, t in inputs])
     embeds = torch.cat([job.prompt_embeds for job in jobs])
+    # ControlNets run outside any LoRA hooks: a LoRA applies to the UNet only, as with pipe.load_lora_weights.
+    groups = [
+        RowGroup(xi.shape[0], job.controlnets, job.index, len(job.timesteps))
+        for job, (xi, _) in zip(jobs, inputs, strict=True)
+    ]
+    control = controlnets.mixed(groups, x, t, embeds)
     if len({job.loras for job in jobs}) == 1:
         loras.activate(jobs[0].loras)
-        noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise_pred = unet(x, t, encoder_hidden_states=embeds, **control, return_dict=False)[0]
     else:
         with loras.rows([(xi.shape[0], job.loras) for job, (xi, _) in zip(jobs, inputs, strict=True)]):
-            noise_pred = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise_pred = unet(x, t, encoder_hidden_states=embeds, **control, return_dict=False)[0]
     for job, part in zip(jobs, noise_pred.split([xi.shape[0] for xi, _ in inputs]), strict=True):
         job.advance(part)

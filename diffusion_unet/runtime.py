@@ -16,6 +16,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 
 from diffusion_unet.batcher import ContinuousBatcher
+from diffusion_unet.controlnets import ControlNetStore, ControlNetUse, control_image, parse_controlnets
 from diffusion_unet.denoise import DenoiseJob, UNetVariant, prepare_job, step
 from shared import schedulers
 from shared.errors import InvalidValue
@@ -26,6 +27,7 @@ from shared.serving.batching import Batcher
 from shared.serving.loras import LoraStore, lora_set
 from shared.serving.models import fingerprint, load_component, vae_scale_factor
 from shared.serving.runtime import StageRuntime
+from shared.settings import parse_named_paths
 
 log = logging.getLogger("triptych.unet")
 
@@ -40,16 +42,7 @@ class _SchedulerConfig(ConfigMixin):
 
 def parse_variants(spec: str) -> dict[str, str]:
     """``"inpainting=/models/x,anime=/models/y"`` -> ``{"inpainting": "/models/x", "anime": "/models/y"}``."""
-    out: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, sep, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ValueError(f"TRIPTYCH_UNET_VARIANTS entry {item!r} is not name=path")
-        if name == BASE or name in out:
-            raise ValueError(f"UNet variant name {name!r} is reserved or repeated")
-        out[name] = path
-    return out
+    return parse_named_paths(spec, "TRIPTYCH_UNET_VARIANTS", lambda name: name != BASE)
 
 
 def _scheduler_config(model: str) -> dict[str, Any]:
@@ -67,6 +60,12 @@ class UNetRuntime(StageRuntime):
         # The latent grid is the image size over the model's VAE factor (SD: 8, diffusers' tiny test models: 2).
         self.vae_scale_factor = vae_scale_factor(model)
         self._lora_root = AdapterRoot(self.settings.lora_dir, kind="LoRA", param="loras")
+        self._lora_root.catalog()  # hash the LoRA files now, not in the first /v1/info a readiness probe sends
+        # Configs only, read now so a request for a ControlNet that does not fit is refused before queueing.
+        self.controlnets = ControlNetStore(
+            parse_controlnets(self.settings.controlnets), self.place, capacity=self.settings.controlnet_cache_size
+        )
+        self.controlnets.catalog()  # likewise their weights
         base_unet = load_component(UNet2DConditionModel, model, "unet")
         base_scheduler = _scheduler_config(model)
         self.variants: dict[str, UNetVariant] = {BASE: self._load_variant(BASE, model, base_unet, base_scheduler)}
@@ -108,8 +107,19 @@ class UNetRuntime(StageRuntime):
         return torch.compile(unet)
 
     def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
-        self.batcher = ContinuousBatcher(self.worker, self.prepare, max_images=self.max_batch, check=self.check)
+        self.batcher = ContinuousBatcher(
+            self.worker, self.prepare, max_images=self.max_batch, check=self.check, ready=self._loras_ready
+        )
         return {DENOISE: self.batcher}
+
+    def _loras_ready(self, req: DenoiseRequest) -> bool:
+        """Whether the request's LoRAs are loaded or read (not still on a reader thread): admit it then."""
+        return self.variants[req.model or BASE].loras.ready(lora_set(req.loras))
+
+    def _wake_batcher(self) -> None:
+        """A LoRA read finished (on a reader thread): the batcher may admit the requests that waited for it."""
+        with self.worker.cond:
+            self.worker.cond.notify()
 
     def _warm_up(self) -> None:
         for variant in self.variants.values():
@@ -144,12 +154,20 @@ class UNetRuntime(StageRuntime):
                 "Bytes of LoRA parameters loaded (fp32)",
                 sum(v.loras.parameter_bytes for v in self.variants.values()),
             ),
+            "controlnet_loaded": ("gauge", "ControlNets loaded in the UNet service", self.controlnets.loaded),
+            "controlnet_parameter_bytes": (
+                "gauge",
+                "Bytes of ControlNet parameters loaded",
+                self.controlnets.parameter_bytes,
+            ),
         }
 
     def config(self) -> dict[str, Any]:
         base = self.variants[BASE].config()
         base["variants"] = {name: v.config() for name, v in self.variants.items() if name != BASE}
         base["loras"] = self._lora_root.names()
+        base["controlnets"] = self.controlnets.names()
+        base["adapters"] = {"loras": self._lora_root.catalog(), "controlnets": self.controlnets.catalog()}
         return base
 
     def variant(self, name: str | None) -> UNetVariant:
@@ -201,7 +219,7 @@ class UNetRuntime(StageRuntime):
                 param="num_inference_steps",
             )
         schedulers.resolve(req.scheduler or variant.default_scheduler, variant.compatible_schedulers)
-        variant.loras.check(lora_set(req.loras))
+        variant.loras.check(lora_set(req.loras), on_ready=self._wake_batcher)
         latent_hw = (req.height // vsf, req.width // vsf)
         if req.mask is not None:
             if cfg.in_channels not in (cfg.out_channels, 2 * cfg.out_channels + 1):
@@ -224,6 +242,25 @@ class UNetRuntime(StageRuntime):
                 raise InvalidValue(
                     f"`latents` must have shape {list(want)}, got {list(req.latents.shape)}", param="latents"
                 )
+        self._check_controlnets(req, variant)
+
+    def _check_controlnets(self, req: DenoiseRequest, variant: UNetVariant) -> None:
+        if not req.controlnets:
+            return
+        if req.task not in ("txt2img", "img2img"):
+            raise InvalidValue(
+                f"`controlnets` work with text-to-image and image-to-image only (StableDiffusionControlNetPipeline, "
+                f"StableDiffusionControlNetImg2ImgPipeline); this is {req.task}",
+                param="controlnets",
+            )
+        for i, c in enumerate(req.controlnets):
+            self.controlnets.check(c.name, variant.name, variant.unet, self.vae_scale_factor)
+            if tuple(c.image.shape) != (1, req.height, req.width, 3):
+                raise InvalidValue(
+                    f"`controlnets.{i}.image` must be (1, {req.height}, {req.width}, 3) pixels (the request's "
+                    f"height x width), got {list(c.image.shape)}",
+                    param=f"controlnets.{i}.image",
+                )
 
     @staticmethod
     def _check_latent_shape(name: str, t: torch.Tensor, channels: int, latent_hw: tuple[int, int]) -> None:
@@ -240,6 +277,18 @@ class UNetRuntime(StageRuntime):
         scheduler = self.make_scheduler(variant, req.scheduler, req.seeds)
         job = prepare_job(req, variant, scheduler, self.device, self.dtype, started)
         variant.loras.load(job.loras)  # here, so a LoRA that does not fit fails this request, not its batch
+        # Loaded here too (on the model thread, outside any forward); the job keeps the modules it uses.
+        job.controlnets = tuple(
+            ControlNetUse(
+                name=c.name,
+                module=self.controlnets.get(c.name),
+                image=control_image(c.image, req.batch_size, req.do_classifier_free_guidance, self.device, self.dtype),
+                scale=c.scale,
+                start=c.start,
+                end=c.end,
+            )
+            for c in req.controlnets
+        )
         if not (self.settings.lora_mixed_batches and variant.loras.mixable(job.loras)):
             job.lora_key = job.loras
         return job

@@ -124,6 +124,16 @@ def _unique_loras(loras: list[LoraSpec]) -> None:
         raise _invalid(f"`loras` names a LoRA more than once: {names}")
 
 
+MAX_CONTROLNETS = 4
+
+
+def _check_window(start: float, end: float) -> None:
+    """``control_guidance_start`` / ``_end`` as ``StableDiffusionControlNetPipeline.check_inputs`` wants them.
+    A ValueError, so the 422 names the ControlNet's place in the list (``controlnets.1``)."""
+    if start >= end:
+        raise ValueError(f"start ({start}) must be smaller than end ({end})")
+
+
 # ----------------------------------------------------------------------------------------- stage info
 class ModelRef(BaseModel):
     id: str
@@ -220,6 +230,29 @@ class MaskConditioning(WireModel):
         return self
 
 
+class ControlNetConditioning(WireModel):
+    """One ControlNet of a denoise request (``StableDiffusionControlNetPipeline``, SPEC §10): a name from
+    ``TRIPTYCH_CONTROLNETS``; the control image as ``uint8`` RGB pixels (1, H, W, 3) at the request's
+    ``height`` x ``width`` (the pixels the pipeline's control image processor holds after resizing; the UNet
+    scales them to [0, 1] as that processor does); ``scale`` (``controlnet_conditioning_scale``) and the
+    fraction of the steps it acts on, ``start`` to ``end`` (``control_guidance_start`` / ``_end``)."""
+
+    name: str = Field(pattern=ADAPTER_NAME)
+    image: Tensor
+    scale: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlNetConditioning:
+        _check_window(self.start, self.end)
+        t = self.image
+        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != 1 or t.shape[-1] != 3 or t.numel() == 0:
+            raise ValueError(f"image must be uint8 (1, H, W, 3), got {str(t.dtype).removeprefix('torch.')} "
+                             f"{list(t.shape)}")  # fmt: skip
+        return self
+
+
 class DenoiseRequest(StageRequest):
     """Everything the denoise loop needs: embeddings, size, steps, guidance, scheduler and noise.
 
@@ -244,6 +277,7 @@ class DenoiseRequest(StageRequest):
     image: ImageConditioning | None = None
     mask: MaskConditioning | None = None
     loras: Loras = Field(default_factory=list)
+    controlnets: list[ControlNetConditioning] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
 
     @property
     def task(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -360,6 +394,45 @@ class DecodeResponse(WireModel):
 
 
 # ----------------------------------------------------------------------------------------- central
+ImageInput = Annotated[
+    str | bytes,
+    Field(description="PNG, JPEG or WEBP: base64 (optionally a data: URL) in JSON, or a file in multipart."),
+]
+
+
+class ControlNetSpec(BaseModel):
+    """One ControlNet of a task request (SPEC §10), as ``StableDiffusionControlNetPipeline`` takes it: the
+    control ``image``, ``scale`` (``controlnet_conditioning_scale``), ``start`` / ``end``
+    (``control_guidance_start`` / ``_end``), and how central turns the image into the ControlNet's input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME, description="A ControlNet of TRIPTYCH_CONTROLNETS.")
+    image: ImageInput = Field(description="The control image; in multipart, the file `controlnet_image_<i>`.")
+    scale: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    preprocessor: Literal["none", "canny"] = Field(
+        default="none", description="none: the image is the control map; canny: OpenCV Canny edges of it."
+    )
+    low_threshold: int = Field(default=100, ge=0, le=2048, description="canny: cv2.Canny's first threshold.")
+    high_threshold: int = Field(default=200, ge=0, le=2048, description="canny: cv2.Canny's second threshold.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlNetSpec:
+        _check_window(self.start, self.end)
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) is above high_threshold ({self.high_threshold})")
+        return self
+
+    def parameters(self) -> dict[str, Any]:
+        """What the response's ``parameters`` report: everything but the image."""
+        out = self.model_dump(exclude={"image"})
+        if self.preprocessor != "canny":
+            del out["low_threshold"], out["high_threshold"]
+        return out
+
+
 class Txt2ImgRequest(BaseModel):
     """``POST /v1/txt2img``. Unset fields take ``StableDiffusionPipeline.__call__``'s defaults."""
 
@@ -379,17 +452,16 @@ class Txt2ImgRequest(BaseModel):
     loras: Loras = Field(
         default_factory=list, description="LoRAs from TRIPTYCH_LORA_DIR with weights, applied together."
     )
+    controlnets: list[ControlNetSpec] = Field(
+        default_factory=list,
+        max_length=MAX_CONTROLNETS,
+        description="ControlNets with their control images, applied together (text-to-image only).",
+    )
 
     @model_validator(mode="after")
     def _check_loras(self) -> Txt2ImgRequest:
         _unique_loras(self.loras)
         return self
-
-
-ImageInput = Annotated[
-    str | bytes,
-    Field(description="PNG, JPEG or WEBP: base64 (optionally a data: URL) in JSON, or a file in multipart."),
-]
 
 
 class Img2ImgRequest(Txt2ImgRequest):

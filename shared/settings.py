@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,14 @@ class Settings(BaseSettings):
     unet_variants: str = Field(
         default="",
         description="Extra UNets as name=path,... (model dir or bare UNet folder); inpaint uses `inpainting`.",
+    )
+    controlnets: str = Field(
+        default="",
+        description="UNet: ControlNets a request may name, as name=path,... (each a diffusers ControlNet "
+        "directory with .safetensors weights, or a hub id); loaded on first use.",
+    )
+    controlnet_cache_size: int = Field(
+        default=2, ge=1, description="UNet: ControlNets kept loaded (least recently used out)."
     )
 
     # --- central: where the stages are, and how long each hop may take
@@ -105,6 +114,22 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"stage URL must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
+
+
+def parse_named_paths(spec: str, setting: str, valid: Callable[[str], bool]) -> dict[str, str]:
+    """A ``name=path,...`` setting (``TRIPTYCH_UNET_VARIANTS``, ``TRIPTYCH_CONTROLNETS``) as ``{name: path}``.
+    ``ValueError`` names the setting for an entry that is not ``name=path`` and for a name that is repeated or
+    not ``valid``."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"{setting} entry {item!r} is not name=path")
+        if not valid(name) or name in out:
+            raise ValueError(f"{setting}: the name {name!r} is repeated or not allowed")
+        out[name] = path
+    return out
 
 
 @lru_cache

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -128,3 +130,38 @@ def load_runtimes(settings: Settings) -> dict[str, Any]:
     for rt in runtimes.values():
         asyncio.run(rt.load_async())
     return runtimes
+
+
+def step_together(unet: Any, reqs: list[Any]) -> list[Any]:
+    """Every request's denoise job stepped together (one UNet forward per step for all still running) on this
+    thread, as the UNet batcher would: for tests that need batches of a known make-up (the model thread is
+    idle between tests). Returns the finished jobs."""
+    from diffusion_unet.denoise import step
+
+    with torch.inference_mode():
+        jobs = [unet.prepare(r) for r in reqs]
+        while running := [j for j in jobs if not j.done]:
+            step(running)
+        return jobs
+
+
+@contextlib.contextmanager
+def counted_forwards(module: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Counts ``module``'s forwards inside the block (``n``) and the most rows one of them had (``rows``)."""
+    calls = {"n": 0, "rows": 0}
+
+    def count(_module: Any, args: tuple[Any, ...]) -> None:
+        calls.update(n=calls["n"] + 1, rows=max(calls["rows"], int(args[0].shape[0])))
+
+    hook = module.register_forward_pre_hook(count)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def latent_pixels(vae_runtime: Any, latents: torch.Tensor) -> np.ndarray:
+    """Latents decoded by the VAE stage's runtime, as int16 pixels (to subtract)."""
+    from shared.protocol import DecodeRequest
+
+    return vae_runtime.decode(DecodeRequest(latents=latents)).images.numpy().astype(np.int16)

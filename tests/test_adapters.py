@@ -164,3 +164,21 @@ def te_request(prompt: str) -> Any:
     from shared.protocol import EncodeRequest
 
     return EncodeRequest(prompt=[prompt], do_classifier_free_guidance=False)
+
+
+def test_v1_models_lists_the_loaded_embeddings_with_their_fingerprints(
+    settings: Settings,
+    te_with_embeddings: TextEncoderRuntime,
+    unet_runtime: Any,
+    vae_runtime: Any,
+    embeddings_dir: Path,
+) -> None:
+    import hashlib
+
+    orch = local_orchestrator(settings, te_with_embeddings, unet_runtime, vae_runtime)
+    with TestClient(build_app(settings, orchestrator=orch)) as client:
+        models = client.get("/v1/models").json()
+    digest = {n: hashlib.sha256((embeddings_dir / f"{n}.safetensors").read_bytes()).hexdigest()[:16] for n in
+              ("tiny-style", "tri-vec")}  # fmt: skip
+    assert models["embeddings"] == [{"name": n, "fingerprint": fp} for n, fp in digest.items()]
+    assert models["loras"] == [] and models["controlnets"] == []

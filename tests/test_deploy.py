@@ -309,6 +309,7 @@ def test_compose_agrees_with_the_code(files: tuple[str, ...]) -> None:
     config = compose_config(*files)
     services = config["services"]
     stages = dockerfile_stages()
+    adapter_dirs: dict[str, Any] = {}
     for name, svc in services.items():
         port = DEFAULT_PORTS[name]
         exposed = {int(str(p).split("/")[0]) for p in svc.get("expose", [])}
@@ -329,11 +330,23 @@ def test_compose_agrees_with_the_code(files: tuple[str, ...]) -> None:
             assert urlsplit(f"file://{settings.model}").path.startswith("/models/"), settings.model
             mounts = [v for v in svc["volumes"] if v["target"] == "/models"]
             assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
+            adapter_dirs[name] = adapters_under_models(settings)
+    assert adapter_dirs["text_encoder"][0] == adapter_dirs["diffusion_unet"][0] == Path("/models/loras")
     central = check_triptych_env(services["central"]["environment"], "central")
     for stage in STAGES:
         url = urlsplit(getattr(central, f"{stage}_url"))
         assert url.hostname == stage and url.port == DEFAULT_PORTS[stage], (stage, url)
         assert services["central"]["depends_on"][stage]["condition"] == "service_healthy"
+
+
+def adapters_under_models(settings: Settings) -> tuple[Path | None, Path | None, list[str]]:
+    """A stage's adapter folders and ControlNet paths, each checked to lie in the read-only /models mount."""
+    from diffusion_unet.controlnets import parse_controlnets
+
+    controlnets = list(parse_controlnets(settings.controlnets).values())
+    for path in [settings.lora_dir, settings.embeddings_dir, *controlnets]:
+        assert path is None or str(path).startswith("/models/"), path
+    return settings.lora_dir, settings.embeddings_dir, controlnets
 
 
 def parse_duration_s(value: str) -> float:
@@ -440,6 +453,7 @@ def test_kubernetes_agrees_with_the_code(overlay: str) -> None:
     docs = rendered(overlay)
     services = by_kind(docs, "Service")
     seen = set()
+    lora_dirs = set()
     for service, pod, container in deployments(overlay):
         seen.add(service)
         port = DEFAULT_PORTS[service]
@@ -464,6 +478,8 @@ def test_kubernetes_agrees_with_the_code(overlay: str) -> None:
             claim = {v["name"]: v for v in pod["volumes"]}[mounts["/models"]["name"]]["persistentVolumeClaim"]
             assert claim["claimName"] in by_kind(docs, "PersistentVolumeClaim")
             assert (settings.model or "").startswith("/models/"), settings.model
+            lora_dirs.add(adapters_under_models(settings)[0])
+    assert lora_dirs == {Path("/models/loras")}  # the text encoder and the UNet see the same LoRA files
     assert seen == set(SERVICES)
     # central reaches each stage through its Service's DNS name and port.
     (central_env,) = [env_of(overlay, c) for s, _, c in deployments(overlay) if s == "central"]

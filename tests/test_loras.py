@@ -7,6 +7,7 @@ the image) and saved with diffusers' ``save_lora_weights``: the format users dow
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,17 @@ from central.app import build_app
 from diffusion_unet.runtime import UNetRuntime
 from shared.serving.models import create_tiny
 from shared.settings import Settings
-from tests.helpers import assert_envelope, decode_all, gens, local_orchestrator, max_diff, pipeline_pixels
+from tests.helpers import (
+    assert_envelope,
+    counted_forwards,
+    decode_all,
+    gens,
+    latent_pixels,
+    local_orchestrator,
+    max_diff,
+    pipeline_pixels,
+    step_together,
+)
 from text_encoder.runtime import TextEncoderRuntime
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -189,18 +200,6 @@ def _denoise_requests(te: Any, sets: list[list[tuple[str, float]]], steps: list[
     return reqs
 
 
-def _run(unet: Any, reqs: list[Any]) -> list[Any]:
-    """Every request's job stepped together (one UNet forward per step for all still running), on this thread
-    (the model thread is idle between tests)."""
-    from diffusion_unet.denoise import step
-
-    with torch.inference_mode():
-        jobs = [unet.prepare(r) for r in reqs]
-        while running := [j for j in jobs if not j.done]:
-            step(running)
-        return jobs
-
-
 @pytest.mark.parametrize(("sets", "steps"), [(MIXED, [6, 4, 6, 5, 7, 7]), (MIXED_BIASED, [5, 5, 4])],
                          ids=["fused", "per-group"])  # fmt: skip
 def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
@@ -210,19 +209,12 @@ def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
     another weight, one on the resnets' convs) and step counts: every step is one UNet forward for all of them
     (``LoraStore.rows``), with more LoRAs at once than the cache holds (2), and each image is within 2/255 of
     that request served alone (SPEC §8)."""
-    from shared.protocol import DecodeRequest
 
     unet, te = stages["unet"], stages["te"]
     reqs = _denoise_requests(te, sets, steps=steps)
-    alone = [_run(unet, [r])[0].latents for r in reqs]
-    calls = {"n": 0, "rows": 0}
-    hook = unet.variants["base"].unet.register_forward_pre_hook(
-        lambda _m, args: calls.update(n=calls["n"] + 1, rows=max(calls["rows"], args[0].shape[0]))
-    )
-    try:
-        jobs = _run(unet, reqs)
-    finally:
-        hook.remove()
+    alone = [step_together(unet, [r])[0].latents for r in reqs]
+    with counted_forwards(unet.variants["base"].unet) as calls:
+        jobs = step_together(unet, reqs)
     together = [j.latents for j in jobs]
     # The path meant was taken (by the last steps, of the longest jobs): fused Linear and Conv2d LoRAs, or
     # per group for a lora_bias.
@@ -235,7 +227,7 @@ def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
     assert calls == {"n": max(len(j.timesteps) for j in jobs), "rows": 2 * len(sets)}
 
     def pixels(latents: torch.Tensor) -> np.ndarray:
-        return vae_runtime.decode(DecodeRequest(latents=latents)).images.numpy().astype(np.int16)
+        return latent_pixels(vae_runtime, latents)
 
     for loras, a, b in zip(sets, alone, together, strict=True):
         assert int(np.abs(pixels(a) - pixels(b)).max()) <= 2, loras
@@ -243,7 +235,7 @@ def test_different_lora_sets_share_one_forward_each_within_two_levels_of_alone(
     plain = pixels(together[sets.index([])])
     assert all(int(np.abs(pixels(b) - plain).max()) > 2 for loras, b in zip(sets, together, strict=True) if loras)
     # A lone request afterwards takes the plain path again: exact, and no row hook is left behind.
-    assert torch.equal(_run(unet, reqs[:1])[0].latents, alone[0])
+    assert torch.equal(step_together(unet, reqs[:1])[0].latents, alone[0])
     assert not any(m._forward_hooks for m in unet.variants["base"].unet.modules())
 
 
@@ -298,3 +290,101 @@ def test_no_lora_folder_configured_is_404(
     with TestClient(build_app(settings, orchestrator=orch)) as client:
         err = assert_envelope(client.post("/v1/txt2img", json=body([("ink", 1.0)])), 404, param="loras")
     assert "no LoRA folder is configured" in err["message"]
+
+
+def test_v1_models_lists_every_adapter_with_the_fingerprint_of_its_bytes(
+    stages: dict[str, Any], lora_dir: Path
+) -> None:
+    import hashlib
+
+    client = stages["client"]
+    models = client.get("/v1/models").json()
+    info = client.get("/v1/info").json()["stages"]
+    assert models["base"]["fingerprint"] == info["diffusion_unet"]["model"]["fingerprint"]
+    assert {k: v["fingerprint"] for k, v in models["base"]["components"].items()} == {
+        stage: info[stage]["model"]["fingerprint"] for stage in ("text_encoder", "diffusion_unet", "vae_decoder")
+    }
+    assert models["base"]["inpainting"] is False and models["variants"] == []
+    by_name = {lora["name"]: lora for lora in models["loras"]}
+    assert sorted(by_name) == sorted(p.stem for p in lora_dir.glob("*.safetensors"))
+    for name, lora in by_name.items():
+        data = (lora_dir / f"{name}.safetensors").read_bytes()
+        assert lora["fingerprint"] == hashlib.sha256(data).hexdigest()[:16] and lora["bytes"] == len(data)
+        assert lora["stages"] == ["text_encoder", "diffusion_unet"]
+
+
+def test_a_lora_name_with_other_bytes_in_each_stage_makes_central_not_ready(
+    settings: Settings, lora_dir: Path, vae_runtime: Any, tmp_path: Path
+) -> None:
+    """The text encoder and the UNet read their own LoRA folders; the same name must be the same file in both
+    (else each stage would apply a different LoRA): central's compatibility check names it."""
+    import shutil
+
+    other = tmp_path / "loras"
+    other.mkdir()
+    shutil.copy(lora_dir / "pastel.safetensors", other / "ink.safetensors")  # "ink" here is pastel's bytes
+    shutil.copy(lora_dir / "pastel.safetensors", other / "pastel.safetensors")
+    te = TextEncoderRuntime(settings.model_copy(update={"lora_dir": other}))
+    unet = UNetRuntime(settings.model_copy(update={"lora_dir": lora_dir}))
+    for rt in (te, unet):
+        asyncio.run(rt.load_async())
+    try:
+        with TestClient(build_app(settings, orchestrator=local_orchestrator(settings, te, unet, vae_runtime))) as c:
+            err = assert_envelope(c.get("/readyz"), 503)
+            assert "LoRA 'ink': text_encoder fingerprint" in err["message"]
+            assert "pastel" not in err["message"]  # the same bytes in both: no problem
+    finally:
+        te.close()
+        unet.close()
+
+
+def test_a_new_lora_is_read_off_the_model_thread_while_other_requests_go_on(
+    settings: Settings, te_runtime: Any, lora_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Katz-style overlap, without giving up parity: a request naming a LoRA not loaded yet waits (not
+    admitted) while a reader thread reads and converts the file; the model thread keeps stepping the running
+    request, which here finishes while the read is still held, and then injects the LoRA in one go."""
+    import shutil
+    import threading
+
+    from shared.protocol import DenoiseRequest, EncodeRequest
+    from shared.serving import loras as loras_module
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(lora_dir / "ink.safetensors", folder / "ink.safetensors")
+    unet = UNetRuntime(settings.model_copy(update={"lora_dir": folder}))
+    asyncio.run(unet.load_async())
+    release, readers = threading.Event(), []
+    real = loras_module.Loader.lora_state_dict
+
+    def held_read(*args: Any, **kwargs: Any) -> Any:
+        readers.append(threading.current_thread().name)
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loras_module.Loader, "lora_state_dict", held_read)
+    e = te_runtime.encode(EncodeRequest(prompt=["a lighthouse"], negative_prompt=["fog"]))
+    embeds = {"prompt_embeds": e.prompt_embeds, "negative_prompt_embeds": e.negative_prompt_embeds}
+    long = DenoiseRequest(**embeds, height=64, width=64, num_inference_steps=40, seeds=[1])
+    with_lora = DenoiseRequest(**embeds, height=64, width=64, num_inference_steps=3, seeds=[2],
+                               loras=[{"name": "ink", "weight": 1.0}])  # fmt: skip
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(unet.denoise, long)
+            deadline = time.monotonic() + 30
+            while unet.batcher.active_images == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            second = pool.submit(unet.denoise, with_lora)
+            first.result(timeout=60)  # finished while the LoRA read is held (or not even started, on a busy CPU)
+            while not readers:
+                assert time.monotonic() < deadline + 30
+                time.sleep(0.002)
+            assert not second.done() and readers[0].startswith("lora-reader")
+            release.set()
+            second.result(timeout=60)
+        assert unet.variants["base"].loras.loaded == 1
+    finally:
+        release.set()
+        unet.close()

@@ -24,6 +24,7 @@ ROUTES = {
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/v1/info"),
+        ("GET", "/v1/models"),
         ("GET", "/v1/schedulers"),
         ("POST", "/v1/txt2img"),
         ("POST", "/v1/img2img"),
@@ -105,6 +106,18 @@ def test_every_post_route_refuses_a_bad_body_with_a_4xx_envelope(clients: dict[s
             assert_envelope(r, r.status_code)
         r = client.post(path, content=b"x", headers={"content-type": "text/plain"})
         assert_envelope(r, 415)
+
+
+def test_models_is_503_while_a_stage_is_down(settings: Settings) -> None:
+    """``/v1/models`` reads the stages' infos: with the stages unreachable it is the SPEC's 503, not a 500."""
+    from central.app import http_orchestrator
+
+    down = settings.model_copy(
+        update={f"{s}_url": "http://127.0.0.1:9" for s in ("text_encoder", "diffusion_unet", "vae_decoder")}
+    )
+    orch = http_orchestrator(down)
+    with TestClient(central_app(down, orchestrator=orch)) as client:
+        assert_envelope(client.get("/v1/models"), 503)
 
 
 @pytest.mark.parametrize("service", ["central", "diffusion_unet"])

@@ -135,6 +135,7 @@ class TextEncoderRuntime(StageRuntime):
             "text_encoder",
             capacity=self.settings.lora_cache_size,
         )
+        self.loras.root.catalog()  # hash the LoRA files now, not in the first /v1/info a readiness probe sends
         self._empty = self.plan("")
 
     def _load_embeddings(self, text_encoder: Any) -> None:
@@ -155,7 +156,7 @@ class TextEncoderRuntime(StageRuntime):
                 self.embeddings_skipped[name] = reason[:300]
                 log.warning("textual inversion %r not loaded: %s", name, reason)
                 continue
-            self.embeddings[name] = hashlib.sha256(file.path.read_bytes()).hexdigest()[:16]
+            self.embeddings[name] = file.fingerprint()
         if self.embeddings:
             log.info("textual inversions loaded: %s", ", ".join(sorted(self.embeddings)))
 
@@ -197,6 +198,7 @@ class TextEncoderRuntime(StageRuntime):
             "embeddings": dict(sorted(self.embeddings.items())),
             "embeddings_skipped": dict(sorted(self.embeddings_skipped.items())),
             "loras": self.loras.root.names(),
+            "adapters": {"loras": self.loras.root.catalog()},
         }
 
     # ------------------------------------------------------------------ prompts

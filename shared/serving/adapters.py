@@ -15,14 +15,17 @@ folder (``TRIPTYCH_LORA_DIR``, ``TRIPTYCH_EMBEDDINGS_DIR``). Every way out of th
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.errors import InvalidValue, NotFound
 from shared.protocol import ADAPTER_NAME
@@ -52,6 +55,33 @@ class AdapterFile:
     def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Its tensors' names, dtypes and shapes, from a header checked by ``check_safetensors``."""
         return check_safetensors(self.path, self.name)
+
+    def fingerprint(self) -> str:
+        """The first 16 hex digits of the file's SHA-256 (what ``/v1/models`` shows and cache keys hold)."""
+        return file_fingerprint(self.path)
+
+
+_fingerprints: dict[tuple[str, int, int, int], str] = {}
+_fingerprints_lock = threading.Lock()
+
+
+def file_fingerprint(path: Path) -> str:
+    """SHA-256 of a file's bytes (16 hex digits), hashed once per (path, inode, size, mtime): listing a folder
+    of LoRAs again costs a ``stat`` per file, and a file replaced in place is hashed again."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _fingerprints_lock:
+        known = _fingerprints.get(key)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    with _fingerprints_lock:
+        _fingerprints[key] = value
+    return value
 
 
 def check_name(name: str, *, kind: str, param: str) -> str:
@@ -88,6 +118,18 @@ class AdapterRoot:
             if entry.suffix == SUFFIX and NAME_PATTERN.match(entry.stem) and self._inside(root, entry) is not None:
                 found.append(entry.stem)
         return sorted(found)
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Every adapter with its fingerprint and size, sorted by name (``/v1/info`` → ``config.adapters``). A
+        file that disappears while listed is left out."""
+        entries = []
+        for name in self.names():
+            try:
+                file = self.resolve(name)
+                entries.append({"name": name, "fingerprint": file.fingerprint(), "bytes": file.path.stat().st_size})
+            except (NotFound, OSError):
+                continue
+        return entries
 
     @staticmethod
     def _inside(root: Path, entry: Path) -> Path | None:

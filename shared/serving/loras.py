@@ -20,11 +20,12 @@ mixed batch is within rounding (2/255) of itself alone; a forward whose rows all
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,6 +43,17 @@ log = logging.getLogger("triptych.loras")
 Component = Literal["unet", "text_encoder"]
 #: A request's LoRAs as the batchers compare them: ((name, weight), ...) in request order.
 LoraSet = tuple[tuple[str, float], ...]
+
+
+#: Reads and converts LoRA files off the model threads (``LoraStore.prefetch``), for every store.
+_READER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-reader")
+
+
+@dataclass
+class _Read:
+    tensors: dict[str, torch.Tensor]  # this module's keys only
+    alphas: Any
+    fingerprint: str
 
 
 @dataclass
@@ -68,13 +80,41 @@ class LoraStore:
         self._hooks: list[Any] = []
         self._fused: dict[int, _RowLoras] = {}  # per LoRA layer (id), for the plan ``_fused_key``
         self._fused_key: tuple[Any, ...] | None = None
+        self._staged: dict[str, Future[_Read]] = {}  # LoRAs being (or already) read by ``prefetch``
+        self._staged_lock = threading.Lock()
 
     # ------------------------------------------------------------------ on any thread
-    def check(self, loras: LoraSet) -> None:
-        """Before queueing: every name resolves to a file with a valid header (404 / 422 otherwise)."""
+    def check(self, loras: LoraSet, on_ready: Callable[[], None] | None = None) -> None:
+        """Before queueing: every name resolves to a file with a valid header (404 / 422 otherwise). A LoRA not
+        loaded yet is then read and converted on a reader thread (``prefetch``), so the model thread, which
+        goes on stepping other requests meanwhile, only injects it (``on_ready`` is called when it is read)."""
         for name, _ in loras:
             if name not in self._loaded:
                 self.root.resolve(name).tensors()
+        self.prefetch(loras, on_ready)
+
+    def prefetch(self, loras: LoraSet, on_ready: Callable[[], None] | None = None) -> None:
+        """Start reading the LoRAs of ``loras`` that are neither loaded nor being read (any thread)."""
+        for name, _ in loras:
+            with self._staged_lock:
+                if name in self._loaded or name in self._staged:
+                    continue
+                future = _READER.submit(self._read, name)
+                self._staged[name] = future
+                # A read nobody took (its request went away) is dropped once there are too many.
+                while len(self._staged) > 2 * self.capacity:
+                    oldest = next(iter(self._staged))
+                    if not self._staged[oldest].done():
+                        break
+                    del self._staged[oldest]
+            if on_ready is not None:
+                future.add_done_callback(lambda _: on_ready())
+
+    def ready(self, loras: LoraSet) -> bool:
+        """Whether ``load(loras)`` would not wait for a reader thread (any thread)."""
+        with self._staged_lock:
+            return all(name in self._loaded or self._staged.get(name) is None or self._staged[name].done()
+                       for name, _ in loras)  # fmt: skip
 
     @property
     def loaded(self) -> int:
@@ -181,16 +221,13 @@ class LoraStore:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return
-        file = self.root.resolve(name)
-        file.tensors()  # the header, checked by hand before safetensors parses the file
+        with self._staged_lock:
+            future = self._staged.pop(name, None)
+        read = future.result() if future is not None else self._read(name)
+        mine, alphas = read.tensors, read.alphas
         # Not under inference_mode (the batchers run in it): parameters made there lose requires_grad, and that
         # alone changes which CPU kernels run, versus pipe.load_lora_weights (docs/architecture.md).
         with torch.inference_mode(False):
-            try:
-                state, alphas = Loader.lora_state_dict(str(file.path))
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise self._refused(name, exc) from None
-            mine = {k: v for k, v in state.items() if k.startswith(f"{self.component}.")}
             self._make_room(keep)
             adapter = None
             if mine:
@@ -207,11 +244,25 @@ class LoraStore:
                 except (RuntimeError, ValueError, KeyError) as exc:
                     self._delete(adapter)
                     raise self._refused(name, exc) from None
-        fingerprint = hashlib.sha256(file.path.read_bytes()).hexdigest()[:16]
+        fingerprint = read.fingerprint
         mixable = adapter is None or not any(adapter in getattr(m, "lora_variant", {}) for m in self._layers())
         self._loaded[name] = _Loaded(adapter, fingerprint, sum(v.numel() for v in mine.values()), mixable)
         self._active = None
         log.info("LoRA %r loaded into the %s (%d tensors)", name, self.component, len(mine))
+
+    def _read(self, name: str) -> _Read:
+        """The file's tensors for this module, converted to diffusers keys by diffusers' ``lora_state_dict``
+        (kohya/A1111 included), and its fingerprint: everything of a load but the injection."""
+        file = self.root.resolve(name)
+        file.tensors()  # the header, checked by hand before safetensors parses the file
+        fingerprint = file.fingerprint()
+        with torch.inference_mode(False):
+            try:
+                state, alphas = Loader.lora_state_dict(str(file.path))
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise self._refused(name, exc) from None
+        mine = {k: v for k, v in state.items() if k.startswith(f"{self.component}.")}
+        return _Read(mine, alphas, fingerprint)
 
     def _refused(self, name: str, exc: Exception) -> InvalidValue:
         text = str(exc).strip()
