@@ -300,10 +300,6 @@ class Orchestrator:
             # Like keras-sd-serving: an inpainting UNet when one is hosted, else the base UNet with blending.
             model = INPAINTING_VARIANT if INPAINTING_VARIANT in unet_variants(unet_info) else None
         variant = self._variant(unet_info, model)
-        if req.controlnets and isinstance(req, (InpaintRequest, OutpaintRequest)):
-            # Not yet: StableDiffusionControlNetInpaintPipeline parity is not built or tested.
-            raise InvalidValue("`controlnets` work with /v1/txt2img and /v1/img2img only (for now)",
-                               param="controlnets")  # fmt: skip
         conditioning: Conditioning | None = None
         size: tuple[int, int] | None = None
         extra: dict[str, Any] = {}

@@ -101,13 +101,16 @@ class DenoiseJob:
     def rows(self) -> int:
         return int(self.prompt_embeds.shape[0])
 
-    def model_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def model_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet's input at this step, its timestep, and the ControlNets' input: the scaled latents (for a
+        9-channel inpainting UNet, without the mask and masked-image channels, as the ControlNet inpaint
+        pipeline feeds it)."""
         t = self.timesteps[self.index]
         x = torch.cat([self.latents] * 2) if self.guidance_scale is not None else self.latents
-        x = self.scheduler.scale_model_input(x, t)
+        x = control = self.scheduler.scale_model_input(x, t)
         if self.inpaint is not None and self.variant.inpainting:
             x = torch.cat([x, self.inpaint.mask, self.inpaint.masked_latents], dim=1)
-        return x, t
+        return x, t, control
 
     def advance(self, noise_pred: torch.Tensor) -> None:
         i, t = self.index, self.timesteps[self.index]
@@ -315,26 +318,28 @@ def step(jobs: list[DenoiseJob]) -> None:
     inputs = [job.model_input() for job in jobs]
     unet = jobs[0].variant.unet
     if len(jobs) == 1:
-        (x, t), job = inputs[0], jobs[0]
+        (x, t, xc), job = inputs[0], jobs[0]
         loras.activate(job.loras)
-        control = controlnets.alone(job.controlnets, job.index, len(job.timesteps), x, t, job.prompt_embeds)
+        control = controlnets.alone(job.controlnets, job.index, len(job.timesteps), xc, t, job.prompt_embeds)
         noise_pred = unet(x, t, encoder_hidden_states=job.prompt_embeds, **control, return_dict=False)[0]
         job.advance(noise_pred)
         return
-    x = torch.cat([x for x, _ in inputs])
-    t = torch.cat([t.reshape(1).to(x.device).expand(xi.shape[0]) for xi, t in inputs])
+    x = torch.cat([x for x, _, _ in inputs])
+    t = torch.cat([t.reshape(1).to(x.device).expand(xi.shape[0]) for xi, t, _ in inputs])
     embeds = torch.cat([job.prompt_embeds for job in jobs])
     # ControlNets run outside any LoRA hooks: a LoRA applies to the UNet only, as with pipe.load_lora_weights.
     groups = [
         RowGroup(xi.shape[0], job.controlnets, job.index, len(job.timesteps))
-        for job, (xi, _) in zip(jobs, inputs, strict=True)
+        for job, (xi, _, _) in zip(jobs, inputs, strict=True)
     ]
-    control = controlnets.mixed(groups, x, t, embeds)
+    # The ControlNets' input is the UNet's, less a 9-channel inpainting UNet's mask and masked-image channels.
+    xc = x if all(c is xi for xi, _, c in inputs) else torch.cat([c for _, _, c in inputs])
+    control = controlnets.mixed(groups, xc, t, embeds)
     if len({job.loras for job in jobs}) == 1:
         loras.activate(jobs[0].loras)
         noise_pred = unet(x, t, encoder_hidden_states=embeds, **control, return_dict=False)[0]
     else:
-        with loras.rows([(xi.shape[0], job.loras) for job, (xi, _) in zip(jobs, inputs, strict=True)]):
+        with loras.rows([(xi.shape[0], job.loras) for job, (xi, _, _) in zip(jobs, inputs, strict=True)]):
             noise_pred = unet(x, t, encoder_hidden_states=embeds, **control, return_dict=False)[0]
-    for job, part in zip(jobs, noise_pred.split([xi.shape[0] for xi, _ in inputs]), strict=True):
+    for job, part in zip(jobs, noise_pred.split([xi.shape[0] for xi, _, _ in inputs]), strict=True):
         job.advance(part)

@@ -247,12 +247,6 @@ class UNetRuntime(StageRuntime):
     def _check_controlnets(self, req: DenoiseRequest, variant: UNetVariant) -> None:
         if not req.controlnets:
             return
-        if req.task not in ("txt2img", "img2img"):
-            raise InvalidValue(
-                f"`controlnets` work with text-to-image and image-to-image only (StableDiffusionControlNetPipeline, "
-                f"StableDiffusionControlNetImg2ImgPipeline); this is {req.task}",
-                param="controlnets",
-            )
         for i, c in enumerate(req.controlnets):
             self.controlnets.check(c.name, variant.name, variant.unet, self.vae_scale_factor)
             if tuple(c.image.shape) != (1, req.height, req.width, 3):

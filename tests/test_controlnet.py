@@ -234,6 +234,58 @@ def test_img2img_with_a_controlnet_is_the_controlnet_img2img_pipeline(
     assert max_diff(ours, decode_all(stages["client"].post("/v1/img2img", json=plain))) > 2
 
 
+@pytest.fixture(scope="module")
+def inpaint_stages(
+    cn_settings: Settings, te_runtime: Any, vae_runtime: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """A UNet service hosting a 9-channel inpainting variant beside the base UNet, with the same ControlNets."""
+    inpaint_model = create_tiny(tmp_path_factory.mktemp("inpaint") / "m", inpainting=True, seed=3)
+    unet = UNetRuntime(cn_settings.model_copy(update={"unet_variants": f"inpainting={inpaint_model}"}))
+    unet.load()
+    orch = wire_orchestrator(cn_settings, te_runtime, unet, vae_runtime)
+    with TestClient(build_app(cn_settings, orchestrator=orch)) as client:
+        yield {"client": client, "unet": unet}
+    unet.close()
+
+
+@pytest.mark.parametrize(("model", "strength"), [("base", 0.8), ("inpainting", 1.0), ("inpainting", 0.7)])
+def test_inpaint_with_a_controlnet_is_the_controlnet_inpaint_pipeline(
+    stages: dict[str, Any],
+    inpaint_stages: dict[str, Any],
+    sd_pipeline: Any,
+    controlnet_dirs: dict[str, Path],
+    control: dict[str, Any],
+    init_image: Any,
+    mask_image: Any,
+    model: str,
+    strength: float,
+) -> None:
+    """``/v1/inpaint`` with a ControlNet = ``StableDiffusionControlNetInpaintPipeline``, bit for bit: with the
+    base (4-channel) UNet, which blends the known region back, and with a 9-channel inpainting UNet, whose
+    ControlNet sees the latents without the mask channels."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    client, unet = (stages["client"], None) if model == "base" else (inpaint_stages["client"], inpaint_stages["unet"])
+    nets = [cn("edges", control["rings"], scale=0.8, start=0.2)]
+    request = {**body(nets, seed=4, model=model), "image": png_b64(init_image), "mask_image": png_b64(mask_image),
+               "strength": strength}  # fmt: skip
+    r = client.post("/v1/inpaint", json=request)
+    ours = decode_all(r)
+    components = {k: v for k, v in sd_pipeline.components.items() if k != "image_encoder"}
+    if unet is not None:
+        components["unet"] = unet.variants["inpainting"].unet
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        **components, controlnet=controlnet_module(controlnet_dirs["edges"]), requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(**PROMPT, image=init_image, mask_image=mask_image, control_image=control["rings"], height=64,
+               width=64, strength=strength, controlnet_conditioning_scale=0.8, control_guidance_start=0.2,
+               control_guidance_end=1.0, generator=gens(4, 1))  # fmt: skip
+    assert max_diff(ours, pipeline_pixels(ref)) == 0
+    plain = decode_all(client.post("/v1/inpaint", json={**request, "controlnets": []}))
+    assert max_diff(ours, plain) > 2
+
+
 def test_canny_preprocessor_is_cv2_canny_then_the_pipeline(
     stages: dict[str, Any], sd_pipeline: Any, controlnet_dirs: dict[str, Path], control: dict[str, Any]
 ) -> None:
@@ -370,9 +422,6 @@ def test_hostile_controlnet_requests_are_4xx_and_leave_nothing_behind(
     assert "'broken' is not a valid safetensors file" in err["message"]
     # A control image too small to size the output by.
     err = assert_envelope(post([cn("edges", rings.resize((4, 4)))]), 422, param="controlnets.0.image")
-    # Inpainting refuses ControlNets (no StableDiffusionControlNetInpaintPipeline parity yet).
-    inpaint = {**body([cn("edges", rings)]), "image": png_b64(rings), "mask_image": png_b64(rings)}
-    assert_envelope(client.post("/v1/inpaint", json=inpaint), 422, param="controlnets")
     # Multipart: a control image file without its entry, or with an image in JSON too.
     fields = {"prompt": "a lighthouse", "num_inference_steps": "2", "controlnets": '[{"name": "edges"}]'}
     png = {"controlnet_image_1": ("a.png", io.BytesIO(), "image/png")}
@@ -413,11 +462,9 @@ def test_the_unet_stage_refuses_bad_controlnet_conditioning(stages: dict[str, An
         assert_envelope(post(controlnets=[{"name": "nope", "image": image}]), 404, param="controlnets")
         latents = torch.zeros(1, 4, 8, 8)
         conditioning = {"latent_mean": latents, "latent_std": latents, "strength": 0.5, "scaling_factor": 0.18}
-        mask = {"mask": torch.zeros(1, 1, 64, 64, dtype=torch.uint8), "masked_latent_mean": latents,
-                "masked_latent_std": latents}  # fmt: skip
-        inpaint = {"image": conditioning, "mask": mask}
-        err = assert_envelope(post(controlnets=[{"name": "edges", "image": image}], **inpaint), 422)
-        assert err["param"] == "controlnets" and "inpaint" in err["message"]
+        small = {"name": "edges", "image": image[:, :32, :32]}  # an image task's control image: same checks
+        err = assert_envelope(post(controlnets=[small], image=conditioning, guidance_scale=1.0), 422)
+        assert err["param"] == "controlnets.0.image"
     info = stages["client"].get("/v1/info").json()["stages"]["diffusion_unet"]["config"]
     assert info["controlnets"] == ["blobs", "broken", "edges", "foreign", "third"]
 
