@@ -126,6 +126,62 @@ def test_txt2img_matches_diffusers_at_any_thread_count(threaded: dict[str, Any])
     assert max_diff(ours, pipeline_pixels(ref)) == 0
 
 
+@pytest.fixture(scope="module")
+def adapter_files(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.test_controlnet import make_controlnet
+    from tests.test_loras import make_lora
+
+    loras = tmp_path_factory.mktemp("loras")
+    make_lora(tiny_model, loras, "ink", seed=1)
+    make_lora(tiny_model, loras, "convs", seed=2, text_encoder=False, targets=("conv1", "conv2"))
+    return {"loras": loras, "edges": make_controlnet(tiny_model, tmp_path_factory.mktemp("cn") / "edges", seed=1)}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_loras_and_a_controlnet_match_diffusers_at_any_thread_count(
+    settings: Settings, tiny_model: Path, adapter_files: dict[str, Path], threads: int
+) -> None:
+    """Two weighted LoRAs (one on the resnets' convolutions) and a ControlNet in one request, with the stages
+    and the pipeline computing on 1 or 3 threads: still bit-identical to the ControlNet pipeline with the
+    LoRAs loaded by ``pipe.load_lora_weights``."""
+    import diffusers
+    import PIL.Image
+
+    from tests.test_controlnet import controlnet_module
+
+    update = {"cpu_threads": threads, "lora_dir": adapter_files["loras"],
+              "controlnets": f"edges={adapter_files['edges']}"}  # fmt: skip
+    adapted = settings.model_copy(update=update)
+    runtimes = load_runtimes(adapted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    y, x = np.mgrid[0:64, 0:64]
+    rings = PIL.Image.fromarray(np.stack([((np.hypot(x - 32, y - 32) // 6) % 2 * 255).astype(np.uint8)] * 3, -1))
+    try:
+        orch = wire_orchestrator(adapted, runtimes["te"], runtimes["unet"], runtimes["vae"])
+        body = {"prompt": "a harbour", "negative_prompt": "fog", "seed": 4, "num_inference_steps": 4,
+                "loras": [{"name": "ink", "weight": 0.7}, {"name": "convs", "weight": 1.1}],
+                "controlnets": [{"name": "edges", "image": png_b64(rings), "scale": 0.8}]}  # fmt: skip
+        with TestClient(build_app(adapted, orchestrator=orch)) as client:
+            ours = decode_all(client.post("/v1/txt2img", json=body))
+        base = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_model))
+        components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+        pipe = diffusers.StableDiffusionControlNetPipeline(
+            **components, controlnet=controlnet_module(adapter_files["edges"]), requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        for name in ("ink", "convs"):
+            pipe.load_lora_weights(str(adapter_files["loras"] / f"{name}.safetensors"), adapter_name=name)
+        pipe.set_adapters(["ink", "convs"], [0.7, 1.1])
+        ref = pipe("a harbour", negative_prompt="fog", image=rings, num_inference_steps=4,
+                   controlnet_conditioning_scale=0.8, generator=gens(4, 1))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+        for rt in runtimes.values():
+            rt.close()
+    assert max_diff(ours, pipeline_pixels(ref)) == 0
+
+
 def test_txt2img_with_channels_last_modules_matches_diffusers(settings: Settings, tiny_model: Path) -> None:
     """TRIPTYCH_CHANNELS_LAST (the CUDA default) against a pipeline whose UNet and VAE are channels-last too:
     whatever layout the latents come out of the UNet in, they must reach the VAE in it."""
