@@ -130,7 +130,13 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
                 if waiter.job is None:
                     continue
                 if waiter.job.done:
-                    waiter.work.finish(waiter.job.result())
+                    try:
+                        response = waiter.job.result()
+                    except TriptychError as exc:  # NaN latents: that request fails, the batch goes on
+                        log.warning("a denoise job failed at the end: %s", exc.message)
+                        waiter.work.finish(error=exc)
+                    else:
+                        waiter.work.finish(response)
                 else:
                     remaining.append(waiter)
             self._active = remaining

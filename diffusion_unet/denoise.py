@@ -20,8 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffusion_unet import controlnets
 from diffusion_unet.controlnets import ControlNetUse, RowGroup
-from shared.errors import InvalidValue
-from shared.protocol import DenoiseRequest, DenoiseResponse, ImageConditioning, MaskConditioning
+from shared.errors import InvalidValue, NumericalError
+from shared.protocol import DenoiseRequest, DenoiseResponse, ImageConditioning, MaskConditioning, finite
 from shared.serving.loras import LoraSet, LoraStore, lora_set
 
 
@@ -130,6 +130,11 @@ class DenoiseJob:
         self.index += 1
 
     def result(self) -> DenoiseResponse:
+        if not finite(self.latents):
+            raise NumericalError(
+                f"UNet {self.variant.name!r} produced NaN or infinite latents (dtype {self.latents.dtype}); in "
+                "float16 try TRIPTYCH_DTYPE=float32"
+            )
         return DenoiseResponse(
             latents=self.latents,
             scheduler=type(self.scheduler).__name__,

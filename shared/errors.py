@@ -3,6 +3,7 @@
 Exception tree (each maps to one HTTP status)::
 
     TriptychError                      500 internal_error   (never raised for client input)
+    ├── NumericalError                 500 numerical_error  (a model produced NaN/inf: never a black 200)
     ├── MalformedRequest               400 malformed_request
     ├── NotFound                       404 not_found
     ├── PayloadTooLarge                413 payload_too_large
@@ -44,6 +45,13 @@ class TriptychError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         return error_envelope(self.type, self.message, self.param)
+
+
+class NumericalError(TriptychError):
+    """A model's output has NaN or infinite values (the classic: SD's VAE overflowing in float16). The request
+    fails rather than returning a black or noise image with 200."""
+
+    status, type = 500, "numerical_error"
 
 
 class MalformedRequest(TriptychError):

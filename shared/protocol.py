@@ -91,9 +91,16 @@ def _float_tensor(ndim: int) -> Callable[[Any], torch.Tensor]:
             raise ValueError(f"must have {ndim} dimensions, got shape {list(t.shape)}")
         if t.numel() == 0:
             raise ValueError(f"is empty (shape {list(t.shape)})")
+        if not finite(t):
+            raise ValueError("has NaN or infinite values")
         return t
 
     return check
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite (one pass; embeddings and latents are small)."""
+    return bool(torch.isfinite(t).all())
 
 
 Embeds = Annotated[torch.Tensor, PlainValidator(_float_tensor(3))]

@@ -8,9 +8,9 @@ from typing import Any
 import PIL.Image
 import torch
 
-from shared.errors import InvalidValue
+from shared.errors import InvalidValue, NumericalError
 from shared.operations import DECODE, ENCODE_IMAGE, Operation
-from shared.protocol import DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse
+from shared.protocol import DecodeRequest, DecodeResponse, EncodeImageRequest, EncodeImageResponse, finite
 from shared.serving.batching import Batcher, MicroBatcher
 from shared.serving.models import fingerprint, load_component
 from shared.serving.runtime import StageRuntime
@@ -96,6 +96,11 @@ class VaeRuntime(StageRuntime):
         latents = requests[0].latents if len(requests) == 1 else torch.cat([r.latents for r in requests])
         latents = latents.to(self.device, self.dtype)
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        if not finite(image):  # float16 SD VAEs overflow: a black image must not be a 200
+            raise NumericalError(
+                f"the VAE decoded NaN or infinite pixels (dtype {self.dtype}); SD's VAE overflows in float16: serve "
+                "the VAE in float32 (TRIPTYCH_DTYPE=float32) or use an fp16-fixed VAE"
+            )
         # What output_type="pil" does: the processor's float HWC array, then numpy_to_pil's rounding.
         pixels = self.image_processor.postprocess(image, output_type="np")
         # C order here, on the model thread: the processor's HWC array is a view of CHW memory, and gathering

@@ -1,0 +1,100 @@
+"""Hardening (issue 11): NaN and infinity never pass silently, and stage inputs are bounded before allocation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from central.app import build_app
+from diffusion_unet.app import build_app as unet_app
+from shared import wire
+from shared.protocol import EncodeRequest
+from shared.settings import Settings
+from tests.helpers import assert_envelope, decode_all, local_orchestrator, wire_orchestrator
+from vae_decoder.app import build_app as vae_app
+
+
+def post_msgpack(client: TestClient, path: str, message: dict[str, Any]) -> Any:
+    return client.post(path, content=wire.encode(message), headers={"content-type": wire.CONTENT_TYPE})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_stages_refuse_non_finite_tensors_naming_them(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any, bad: float
+) -> None:
+    """Before: NaN latents decoded to a black 200 image, NaN embeddings denoised to NaN latents."""
+    clean = torch.randn(1, 4, 8, 8)
+    latents = clean.clone()
+    latents[0, 1, 2, 3] = bad
+    with TestClient(vae_app(settings, vae_runtime)) as vae:
+        err = assert_envelope(post_msgpack(vae, "/v1/decode", {"latents": latents}), 422, param="latents")
+        assert "NaN or infinite" in err["message"]
+        assert post_msgpack(vae, "/v1/decode", {"latents": clean}).status_code == 200
+    e = te_runtime.encode(EncodeRequest(prompt=["a lighthouse"], do_classifier_free_guidance=False))
+    embeds = e.prompt_embeds.clone()
+    embeds[0, 5, 7] = bad
+    good = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 1.0, "seeds": [1]}
+    with TestClient(unet_app(settings, unet_runtime)) as unet:
+        err = assert_envelope(post_msgpack(unet, "/v1/denoise", {**good, "prompt_embeds": embeds}), 422)
+        assert err["param"] == "prompt_embeds"
+        init = {"latent_mean": latents, "latent_std": clean.abs(), "strength": 0.5, "scaling_factor": 0.18}
+        message = {**good, "prompt_embeds": e.prompt_embeds, "image": init}
+        assert_envelope(post_msgpack(unet, "/v1/denoise", message), 422, param="image.latent_mean")
+
+
+@pytest.fixture()
+def central(settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any) -> Iterator[TestClient]:
+    orch = wire_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+    with TestClient(build_app(settings, orchestrator=orch)) as client:
+        yield client
+
+
+BODY = {"prompt": "a lighthouse", "seed": 3, "num_inference_steps": 3}
+
+
+@pytest.mark.parametrize("where", ["unet", "vae"])
+def test_a_model_that_produces_nan_fails_the_request_instead_of_a_black_200(
+    central: TestClient, unet_runtime: Any, vae_runtime: Any, where: str
+) -> None:
+    """Before: a UNet or VAE overflowing (fp16 on GPUs) gave 200 with a black image. Now the stage answers the
+    ``numerical_error`` envelope, central a 502 naming it, and the next request is served as before."""
+    before = decode_all(central.post("/v1/txt2img", json=BODY))
+    module = unet_runtime.variants["base"].unet if where == "unet" else vae_runtime.vae.decoder
+    hook = module.register_forward_hook(
+        lambda _m, _a, out: (out[0] * float("nan"),) if where == "unet" else out * float("nan")
+    )
+    try:
+        err = assert_envelope(central.post("/v1/txt2img", json=BODY), 502, type_="bad_gateway")
+    finally:
+        hook.remove()
+    assert "NaN or infinite" in err["message"] and ("UNet" if where == "unet" else "VAE") in err["message"]
+    assert (decode_all(central.post("/v1/txt2img", json=BODY)) == before).all()
+
+
+def test_the_numerical_error_envelope_comes_from_the_stage(settings: Settings, vae_runtime: Any) -> None:
+    hook = vae_runtime.vae.decoder.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        with TestClient(vae_app(settings, vae_runtime)) as vae:
+            r = post_msgpack(vae, "/v1/decode", {"latents": torch.randn(1, 4, 8, 8)})
+    finally:
+        hook.remove()
+    err = assert_envelope(r, 500, type_="numerical_error")
+    assert "float32" in err["message"]
+
+
+def test_local_stages_fail_the_same_way(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    """In-process stages (``LocalTransport``): the same refusal reaches the caller, not a black image."""
+    orch = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+    hook = vae_runtime.vae.decoder.register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        with TestClient(build_app(settings, orchestrator=orch)) as client:
+            r = client.post("/v1/txt2img", json=BODY)
+    finally:
+        hook.remove()
+    assert r.status_code >= 500 and "NaN or infinite" in r.json()["error"]["message"]
