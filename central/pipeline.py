@@ -23,7 +23,7 @@ from central import controlnet
 from central.clients import TextEncoderClient, UNetClient, VaeClient
 from central.images import check_size_multiple, decode_image, decode_mask
 from shared import schedulers
-from shared.errors import InvalidValue, StageBadResponse, StageUnavailable
+from shared.errors import InvalidValue, PayloadTooLarge, StageBadResponse, StageUnavailable
 from shared.protocol import (
     ControlNetConditioning,
     DecodeRequest,
@@ -250,9 +250,15 @@ class Orchestrator:
         image = self._read_image(req.image, "image")
         mask_image: PIL.Image.Image | None = None
         if isinstance(req, OutpaintRequest):
+            # The canvas's size is checked before it is built: 4096 on each side would be 1 GB per request.
+            cw, ch = image.width + req.left + req.right, image.height + req.top + req.bottom
+            if cw * ch > s.max_image_pixels or max(cw, ch) > s.max_side:
+                raise PayloadTooLarge(
+                    f"the outpainted canvas would be {cw}x{ch}; at most {s.max_side} a side and "
+                    f"{s.max_image_pixels} pixels are allowed (TRIPTYCH_MAX_SIDE, TRIPTYCH_MAX_IMAGE_PIXELS)",
+                    param="image",
+                )
             image, mask_image = outpaint_canvas(image, req.left, req.right, req.top, req.bottom)
-            if image.width * image.height > s.max_image_pixels:
-                raise InvalidValue(f"the outpainted canvas is {image.width}x{image.height}; too large", param="image")
             extra = {"left": req.left, "right": req.right, "top": req.top, "bottom": req.bottom}
             for side, size, extent in (("left", image.width, "width"), ("top", image.height, "height")):
                 if size % vsf:

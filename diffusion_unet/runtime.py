@@ -197,6 +197,8 @@ class UNetRuntime(StageRuntime):
 
     def check(self, req: DenoiseRequest) -> None:
         """Refuse (422) what this UNet cannot take, before the request waits for a batch slot."""
+        side = "height" if req.height > req.width else "width"
+        self.check_bounds(req.batch_size, req.height, req.width, param="num_images_per_prompt", size_param=side)
         variant = self.variant(req.model)
         cfg = variant.unet.config
         vsf = self.vae_scale_factor

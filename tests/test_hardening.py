@@ -98,3 +98,48 @@ def test_local_stages_fail_the_same_way(
     finally:
         hook.remove()
     assert r.status_code >= 500 and "NaN or infinite" in r.json()["error"]["message"]
+
+
+def test_stages_bound_their_inputs_before_allocating(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    """Before: 10000 latents to /v1/decode (a 10 MB body) were decoded, taking the VAE to 8.5 GB. Every stage
+    now refuses more images than ``TRIPTYCH_MAX_NUM_IMAGES`` and sides over ``TRIPTYCH_MAX_SIDE`` before queueing."""
+    with TestClient(vae_app(settings, vae_runtime)) as vae:
+        err = assert_envelope(post_msgpack(vae, "/v1/decode", {"latents": torch.zeros(10000, 4, 8, 8)}), 422)
+        assert err["param"] == "latents" and "10000 images" in err["message"]
+        huge = torch.zeros(1, 4, 257, 8)  # 2056 pixels high
+        assert "2056" in assert_envelope(post_msgpack(vae, "/v1/decode", {"latents": huge}), 422)["message"]
+        many = torch.zeros(9, 64, 64, 3, dtype=torch.uint8)
+        assert_envelope(post_msgpack(vae, "/v1/encode-image", {"images": many}), 422, param="images")
+        tall = torch.zeros(1, 2056, 8, 3, dtype=torch.uint8)
+        assert_envelope(post_msgpack(vae, "/v1/encode-image", {"images": tall}), 422, param="images")
+        assert post_msgpack(vae, "/v1/decode", {"latents": torch.zeros(8, 4, 8, 8)}).status_code == 200
+    e = te_runtime.encode(EncodeRequest(prompt=["a lighthouse"], do_classifier_free_guidance=False))
+    good = {"prompt_embeds": e.prompt_embeds, "height": 64, "width": 64, "num_inference_steps": 2,
+            "guidance_scale": 1.0, "seeds": list(range(9))}  # fmt: skip
+    with TestClient(unet_app(settings, unet_runtime)) as unet:
+        message = {**good, "num_images_per_prompt": 9}
+        assert_envelope(post_msgpack(unet, "/v1/denoise", message), 422, param="num_images_per_prompt")
+        message = {**good, "seeds": [1], "height": 4096}
+        assert_envelope(post_msgpack(unet, "/v1/denoise", message), 422, param="height")
+
+
+def test_outpaint_checks_the_canvas_size_before_building_it(
+    central: TestClient, init_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: 4096 on every side built a 8256² canvas (1 GB per request) and only then answered 422. Now the
+    size is checked first, 413 as for any too-large image, and the canvas is never built."""
+    import central.pipeline as pipeline
+    from tests.helpers import png_b64
+
+    built: list[Any] = []
+    real = pipeline.outpaint_canvas
+    monkeypatch.setattr(pipeline, "outpaint_canvas", lambda *a: built.append(a) or real(*a))
+    body = {"prompt": "wide", "image": png_b64(init_image), "num_inference_steps": 2}
+    sides = {"left": 4096, "right": 4096, "top": 4096, "bottom": 4096}
+    err = assert_envelope(central.post("/v1/outpaint", json={**body, **sides}), 413, param="image")
+    assert "8256x8256" in err["message"] and built == []
+    assert_envelope(central.post("/v1/outpaint", json={**body, "left": 4000}), 413, param="image")  # one side
+    assert central.post("/v1/outpaint", json={**body, "left": 8, "right": 8}).status_code == 200
+    assert len(built) == 1

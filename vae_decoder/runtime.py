@@ -70,6 +70,8 @@ class VaeRuntime(StageRuntime):
         return self.run(ENCODE_IMAGE, request)
 
     def _check_latents(self, request: DecodeRequest) -> None:
+        b, _, h, w = request.latents.shape
+        self.check_bounds(int(b), int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor, param="latents")
         channels = self.vae.config.latent_channels
         if request.latents.shape[1] != channels:
             raise InvalidValue(
@@ -78,6 +80,7 @@ class VaeRuntime(StageRuntime):
 
     def _check_images(self, request: EncodeImageRequest) -> None:
         height, width = int(request.images.shape[1]), int(request.images.shape[2])
+        self.check_bounds(int(request.images.shape[0]), height, width, param="images")
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise InvalidValue(
                 f"`images` height and width have to be divisible by {self.vae_scale_factor} but are "

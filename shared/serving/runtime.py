@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from shared import __version__
-from shared.errors import Overloaded, StageUnavailable
+from shared.errors import InvalidValue, Overloaded, StageUnavailable
 from shared.operations import OPERATIONS, Operation, StageName
 from shared.protocol import ModelRef, StageInfo, StageRequest, WireModel
 from shared.serving.batching import Batcher, ModelWorker, Work
@@ -123,6 +123,19 @@ class StageRuntime(ABC):
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    def check_bounds(self, images: int, height: int, width: int, *, param: str, size_param: str | None = None) -> None:
+        """A stage's own bounds, checked before a request is queued or anything is allocated for it (a client
+        may call a stage directly): at most ``max_num_images`` images, sides of at most ``max_side`` pixels.
+        Central checks the same limits on its requests. ``size_param`` (default ``param``) names a size error."""
+        s = self.settings
+        if images > s.max_num_images:
+            raise InvalidValue(f"`{param}` holds {images} images; at most {s.max_num_images} are allowed "
+                               "(TRIPTYCH_MAX_NUM_IMAGES)", param=param)  # fmt: skip
+        if max(height, width) > s.max_side:
+            where = size_param or param
+            raise InvalidValue(f"`{where}`: {width}x{height} pixels; at most {s.max_side} a side is allowed "
+                               "(TRIPTYCH_MAX_SIDE)", param=where)  # fmt: skip
 
     def check_ready(self) -> None:
         if not self.ready:
