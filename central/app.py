@@ -16,6 +16,7 @@ import pybase64
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -240,7 +241,7 @@ def build_app(
         finally:
             await orch.aclose()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Triptych",
         version=__version__,
         description="Stable Diffusion as three stage services behind one REST endpoint.",

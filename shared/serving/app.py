@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from shared import __version__, wire
 from shared.errors import install_error_handlers
@@ -93,7 +94,7 @@ def build_stage_app(
             if owns_runtime:
                 runtime.close()
 
-    app = FastAPI(title=title, version=__version__, lifespan=lifespan)
+    app = FastAPIOffline(title=title, version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.limits = wire.Limits(max_body_bytes=(settings or runtime.settings).max_body_bytes)
     install_error_handlers(app)
