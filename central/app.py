@@ -38,6 +38,7 @@ from shared import __version__, wire
 from shared.errors import (
     InvalidValue,
     MalformedRequest,
+    Overloaded,
     StageUnavailable,
     TriptychError,
     UnsupportedMediaType,
@@ -286,26 +287,44 @@ def build_app(
     async def list_schedulers(orch: OrchestratorDep, model: str | None = None) -> list[dict[str, Any]]:
         return await orch.schedulers(model)
 
+    # Central's own bound (issue 11): past TRIPTYCH_MAX_QUEUE generations in flight, a request gets 429 at once
+    # instead of waiting, unbounded, for a connection to a stage. Counted on the event loop: no lock.
+    in_flight = app.state.generations_in_flight = [0]
+
     def _task_endpoint(model: type[Txt2ImgRequest]) -> Any:
         async def endpoint(request: Request, orch: OrchestratorDep) -> Response:
-            start = time.perf_counter()
-            req = await read_task_request(request, settings, model)
-            as_file = wanted_image_format(request.headers.get("accept", ""))
-            if as_file and req.num_images != 1:
-                raise InvalidValue(
-                    f"`Accept: {MEDIA_TYPES[as_file]}` returns one image, but `num_images` is {req.num_images}; "
-                    "ask for application/json to get several",
-                    param="num_images",
+            if in_flight[0] >= settings.max_queue:
+                raise Overloaded(
+                    f"central is at capacity: {in_flight[0]} generations in flight (max_queue={settings.max_queue}); "
+                    "retry later",
+                    retry_after_s=1,
                 )
-            # A client that hangs up cancels its generation: the hop in progress is abandoned, and the stage
-            # working on it notices the closed connection and stops (the UNet before its next step).
-            gen = await unless_disconnected(request, orch.generate(req))
-            if gen is None:
-                return Response(status_code=499)
-            return await render(gen, as_file or req.output_format, bool(as_file), start)
+            in_flight[0] += 1
+            try:
+                return await generate(request, orch, model)
+            finally:
+                in_flight[0] -= 1
 
         endpoint.__name__ = model.__name__.removesuffix("Request").lower()
         return endpoint
+
+    async def generate(request: Request, orch: Orchestrator, model: type[Txt2ImgRequest]) -> Response:
+        """One generation: read and check the request, run it, render the images."""
+        start = time.perf_counter()
+        req = await read_task_request(request, settings, model)
+        as_file = wanted_image_format(request.headers.get("accept", ""))
+        if as_file and req.num_images != 1:
+            raise InvalidValue(
+                f"`Accept: {MEDIA_TYPES[as_file]}` returns one image, but `num_images` is {req.num_images}; "
+                "ask for application/json to get several",
+                param="num_images",
+            )
+        # A client that hangs up cancels its generation: the hop in progress is abandoned, and the stage
+        # working on it notices the closed connection and stops (the UNet before its next step).
+        gen = await unless_disconnected(request, orch.generate(req))
+        if gen is None:
+            return Response(status_code=499)
+        return await render(gen, as_file or req.output_format, bool(as_file), start)
 
     tasks: dict[str, tuple[type[Txt2ImgRequest], str]] = {
         "/v1/txt2img": (Txt2ImgRequest, "Text to image"),

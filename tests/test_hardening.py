@@ -143,3 +143,41 @@ def test_outpaint_checks_the_canvas_size_before_building_it(
     assert_envelope(central.post("/v1/outpaint", json={**body, "left": 4000}), 413, param="image")  # one side
     assert central.post("/v1/outpaint", json={**body, "left": 8, "right": 8}).status_code == 200
     assert len(built) == 1
+
+
+def test_central_sheds_load_past_its_bound_instead_of_queueing_without_limit(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    """Before: central's pool to a stage held as many requests as the stage admits, so the stage's 429 was
+    never reached and 400 concurrent requests all waited. Now central admits ``max_queue`` generations and
+    answers 429 with ``Retry-After`` past that, at once; the admitted ones finish."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounded = settings.model_copy(update={"max_queue": 2})
+    orch = local_orchestrator(bounded, te_runtime, unet_runtime, vae_runtime)
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def hold(_module: Any, _args: Any) -> None:
+        entered.release()
+        assert release.wait(60)
+
+    hook = unet_runtime.variants["base"].unet.register_forward_pre_hook(hold)
+    try:
+        with TestClient(build_app(bounded, orchestrator=orch)) as client, ThreadPoolExecutor(3) as pool:
+            first = [pool.submit(client.post, "/v1/txt2img", json={**BODY, "seed": i}) for i in range(2)]
+            assert entered.acquire(timeout=30)  # one is in the UNet
+            deadline = time.monotonic() + 30
+            while client.app.state.generations_in_flight[0] < 2:  # and the other admitted by central
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            r = pool.submit(client.post, "/v1/txt2img", json=BODY).result(timeout=30)
+            err = assert_envelope(r, 429, type_="overloaded")
+            assert r.headers["retry-after"] == "1" and "central is at capacity" in err["message"]
+            release.set()
+            assert [f.result(timeout=60).status_code for f in first] == [200, 200]
+            assert client.post("/v1/txt2img", json=BODY).status_code == 200  # the bound is released
+    finally:
+        release.set()
+        hook.remove()
