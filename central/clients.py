@@ -55,6 +55,7 @@ from shared.tracing import outgoing_headers
 
 Req = TypeVar("Req", bound=StageRequest)
 Resp = TypeVar("Resp", bound=WireModel)
+T = TypeVar("T")
 
 # A stage's own 4xx that says something about the user's request (an unknown LoRA is a 404); relayed to the
 # caller unchanged.
@@ -291,13 +292,33 @@ class LocalTransport:
 
 
 class StageClient:
-    """Base of the typed clients: holds the transport."""
+    """Base of the typed clients: holds the transport, and whether the stage was last found unreachable."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
+        #: When a call or info last failed with StageUnavailable (None: the last one answered).
+        self.down_since: float | None = None
 
     async def info(self) -> StageInfo:
-        return await self.transport.info()
+        return await self._watched(self.transport.info())
+
+    async def ensure_up(self) -> None:
+        """Fail fast: a stage last found unreachable is asked for its info again before a request spends work
+        in the other stages (a dead VAE must not cost a whole denoise first). A stage that answers is up."""
+        if self.down_since is not None:
+            await self.info()
+
+    async def _call(self, op: Operation[Req, Resp], request: Req) -> Resp:
+        return await self._watched(self.transport.call(op, request))
+
+    async def _watched(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except StageUnavailable:
+            self.down_since = self.down_since or time.monotonic()
+            raise
+        self.down_since = None
+        return result
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -305,17 +326,17 @@ class StageClient:
 
 class TextEncoderClient(StageClient):
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
-        return await self.transport.call(ENCODE, request)
+        return await self._call(ENCODE, request)
 
 
 class UNetClient(StageClient):
     async def denoise(self, request: DenoiseRequest) -> DenoiseResponse:
-        return await self.transport.call(DENOISE, request)
+        return await self._call(DENOISE, request)
 
 
 class VaeClient(StageClient):
     async def decode(self, request: DecodeRequest) -> DecodeResponse:
-        return await self.transport.call(DECODE, request)
+        return await self._call(DECODE, request)
 
     async def encode_image(self, request: EncodeImageRequest) -> EncodeImageResponse:
-        return await self.transport.call(ENCODE_IMAGE, request)
+        return await self._call(ENCODE_IMAGE, request)

@@ -300,6 +300,8 @@ class Orchestrator:
     async def generate(self, req: AnyTaskRequest) -> Generation:
         """Run one request of any task: the diffusers pipeline's steps, one stage hop each."""
         start = time.perf_counter()
+        # A stage last found unreachable is probed first: fail in milliseconds, not after the denoise.
+        await asyncio.gather(*(c.ensure_up() for c in (self.text_encoder, self.unet, self.vae)))
         _, unet_info, vae_info = await self.infos()
         model = req.model
         if model is None and isinstance(req, (InpaintRequest, OutpaintRequest)):

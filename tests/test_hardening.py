@@ -181,3 +181,25 @@ def test_central_sheds_load_past_its_bound_instead_of_queueing_without_limit(
     finally:
         release.set()
         hook.remove()
+
+
+def test_a_request_fails_fast_when_a_stage_is_known_to_be_down(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    """Before: with the VAE gone (and /readyz already 503), a request still ran the whole denoise and failed
+    after it. A stage last found unreachable is now probed before any work: 503 without a UNet forward."""
+    from central.clients import HttpTransport, LocalTransport
+
+    orch = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+    with TestClient(build_app(settings, orchestrator=orch)) as client:
+        assert client.post("/v1/txt2img", json=BODY).status_code == 200  # all up: the stages' infos are known
+        # The VAE service dies: its address no longer answers.
+        dead = settings.model_copy(update={"vae_decoder_url": "http://127.0.0.1:9", "connect_timeout_s": 1.0})
+        orch.vae.transport = HttpTransport("vae_decoder", dead.vae_decoder_url, dead)
+        assert_envelope(client.get("/readyz"), 503)
+        forwards = unet_runtime.batcher.forwards
+        err = assert_envelope(client.post("/v1/txt2img", json={**BODY, "num_inference_steps": 30}), 503)
+        assert "vae_decoder" in err["message"]
+        assert unet_runtime.batcher.forwards == forwards  # nothing was spent on the UNet
+        orch.vae.transport = LocalTransport(vae_runtime)  # it comes back: served again, no restart
+        assert client.post("/v1/txt2img", json=BODY).status_code == 200
