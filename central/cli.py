@@ -123,6 +123,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_service(service, app, settings, host=args.host, port=args.port)
 
 
+def service_commands(host: str, ports: dict[str, int]) -> list[tuple[str, list[str], dict[str, str]]]:
+    """``serve all``'s four processes: (name, command, environment additions). Only central listens on
+    ``host``; the stages listen on 127.0.0.1 whatever ``host`` is (SPEC §13), and central reaches them there."""
+    stage_urls = {
+        "TRIPTYCH_TEXT_ENCODER_URL": f"http://127.0.0.1:{ports['text-encoder']}",
+        "TRIPTYCH_DIFFUSION_UNET_URL": f"http://127.0.0.1:{ports['diffusion-unet']}",
+        "TRIPTYCH_VAE_DECODER_URL": f"http://127.0.0.1:{ports['vae-decoder']}",
+    }
+    out = []
+    for name in SERVICES:
+        module = "central" if name == "central" else name.replace("-", "_")
+        bind = host if name == "central" else "127.0.0.1"
+        out.append((name, [sys.executable, "-m", module, "--host", bind, "--port", str(ports[name])], stage_urls))
+    return out
+
+
 def serve_all(settings: Settings, host: str, base_port: int) -> int:
     """Start the four services as processes (the compose topology without Docker) and supervise them.
 
@@ -135,15 +151,10 @@ def serve_all(settings: Settings, host: str, base_port: int) -> int:
     resolve_model(settings)
     ports = {name: base_port + i for i, name in enumerate(SERVICES)}
     env = dict(os.environ)
-    env["TRIPTYCH_TEXT_ENCODER_URL"] = f"http://{host}:{ports['text-encoder']}"
-    env["TRIPTYCH_DIFFUSION_UNET_URL"] = f"http://{host}:{ports['diffusion-unet']}"
-    env["TRIPTYCH_VAE_DECODER_URL"] = f"http://{host}:{ports['vae-decoder']}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    for name in reversed(SERVICES):  # stages first, central last
-        module = "central" if name == "central" else name.replace("-", "_")
-        cmd = [sys.executable, "-m", module, "--host", host, "--port", str(ports[name])]
+    for name, cmd, extra in reversed(service_commands(host, ports)):  # stages first, central last
         # Own process group: a terminal's Ctrl-C reaches only this supervisor, which stops them in order.
-        procs[name] = subprocess.Popen(cmd, env=env, process_group=0)
+        procs[name] = subprocess.Popen(cmd, env={**env, **extra}, process_group=0)
 
     stopping = False
 

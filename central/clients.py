@@ -118,6 +118,7 @@ class HttpTransport:
         self.stage = stage
         self.base_url = base_url.rstrip("/")
         self._settings = settings
+        self._token = settings.stage_token.get_secret_value()  # sent to the stage when set (SPEC §13)
         self._connect = settings.connect_timeout_s
         self._info_timeout = settings.info_timeout_s
         self._limits = limits
@@ -180,6 +181,8 @@ class HttpTransport:
     # ------------------------------------------------------------------ one hop
     async def _send(self, op: str, method: str, path: str, timeout_s: float, body: bytes | None = None) -> HttpReply:
         headers = {"accept": wire.CONTENT_TYPE if body is not None else "application/json", **outgoing_headers()}
+        if self._token:
+            headers["authorization"] = f"Bearer {self._token}"
         if body is not None:
             headers["content-type"] = wire.CONTENT_TYPE
         start = time.perf_counter()

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORTS = {"central": 8000, "text_encoder": 8001, "diffusion_unet": 8002, "vae_decoder": 8003}
@@ -75,6 +75,24 @@ class Settings(BaseSettings):
     max_side: int = Field(default=2048, ge=8, description="Largest width or height in pixels.")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Largest input image file.")
     max_image_pixels: int = Field(default=4096 * 4096, gt=0, description="Largest input image, width x height.")
+
+    # --- security (SPEC §13)
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Central: API keys, comma-separated or @/path/to/file (one per line); set, every route but "
+        "/healthz, /readyz, /metrics and the docs needs Authorization: Bearer KEY.",
+    )
+    stage_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Stages: a shared token central sends; set, a stage refuses calls without it.",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Central: origins (https://app.example) whose browser POSTs are allowed, comma-separated.",
+    )
+    allowed_hosts: str = Field(
+        default="", description="Host names a service answers for, comma-separated (DNS rebinding); empty: any."
+    )
 
     # --- throughput (issue 5)
     max_queue: int = Field(default=64, ge=1, description="Requests a stage admits at once; past it: 429.")

@@ -19,6 +19,7 @@ from shared.operations import Operation
 from shared.serving.http import MsgpackResponse, read_message, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.runtime import StageRuntime
+from shared.serving.security import install_access, split_list
 from shared.settings import Settings
 
 
@@ -99,6 +100,12 @@ def build_stage_app(
     app.state.limits = wire.Limits(max_body_bytes=(settings or runtime.settings).max_body_bytes)
     install_error_handlers(app)
     install_observability(app, service=runtime.stage, runtime=runtime, drain_timeout_s=runtime.settings.drain_timeout_s)
+    stage_settings = settings or runtime.settings
+    token = stage_settings.stage_token.get_secret_value()
+    # Stages take no browser calls: no CORS origins, so any cross-origin POST is refused.
+    install_access(
+        app, keys=[token] if token else [], hosts=split_list(stage_settings.allowed_hosts), who=runtime.stage
+    )
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:
