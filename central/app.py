@@ -204,12 +204,37 @@ def _takes_files(model: type[BaseModel]) -> bool:
     return "image" in model.model_fields or "controlnets" in model.model_fields
 
 
+#: Where the request bodies' nested models are documented (``_with_request_models``).
+COMPONENTS = "#/components/schemas/{model}"
+
+
 def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
+    """The request body of a task route (read by hand, so FastAPI cannot document it): JSON, and multipart for
+    the tasks that take files. Nested models are referenced under ``components/schemas``; pydantic's own
+    ``$defs`` would be refs that do not resolve inside an OpenAPI document."""
+    schema = model.model_json_schema(ref_template=COMPONENTS)
+    schema.pop("$defs", None)
     content: dict[str, Any] = {"application/json": {"schema": schema}}
     if _takes_files(model):
         content["multipart/form-data"] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _with_request_models(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the task bodies' nested models to the app's OpenAPI ``components/schemas``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                for name, definition in model.model_json_schema(ref_template=COMPONENTS).get("$defs", {}).items():
+                    schemas.setdefault(name, definition)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_app(
@@ -335,6 +360,7 @@ def build_app(
         "/v1/inpaint": (InpaintRequest, "Inpainting (StableDiffusionInpaintPipeline)"),
         "/v1/outpaint": (OutpaintRequest, "Outpainting: extend the canvas, then inpaint the border"),
     }
+    _with_request_models(app, [model for model, _ in tasks.values()])
     for path, (model, summary) in tasks.items():
         app.add_api_route(
             path,
