@@ -58,6 +58,7 @@ from shared.serving.middleware import install_observability
 from shared.serving.security import install_access, parse_keys, split_list
 from shared.settings import Settings, get_settings
 
+STAGE_NAMES = ("text_encoder", "diffusion_unet", "vae_decoder")
 log = logging.getLogger("triptych.central")
 T = TypeVar("T", bound=BaseModel)
 
@@ -262,7 +263,8 @@ def build_app(
             log.info("stages are reachable and compatible")
         except TriptychError as exc:
             # Stages may start after central; /readyz keeps reporting until they agree.
-            log.info("waiting for the stages: %s", exc.message)
+            urls = ", ".join(f"{stage} {getattr(settings, f'{stage}_url')}" for stage in STAGE_NAMES)
+            log.info("waiting for the stages (%s): %s", urls, exc.message)
         try:
             yield
         finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ from shared.tracing import outgoing_headers
 Req = TypeVar("Req", bound=StageRequest)
 Resp = TypeVar("Resp", bound=WireModel)
 T = TypeVar("T")
+
+log = logging.getLogger("triptych.clients")
 
 # A stage's own 4xx that says something about the user's request (an unknown LoRA is a 404); relayed to the
 # caller unchanged.
@@ -195,12 +198,15 @@ class HttpTransport:
             status = "bad_response"
             raise
         except aiohttp.ConnectionTimeoutError:
-            raise StageUnavailable(f"{self.stage} at {self.base_url} did not accept a connection in time") from None
+            # The stage's address goes to the log, not to the caller (internal URLs are not public).
+            log.debug("%s at %s did not accept a connection in time", self.stage, self.base_url)
+            raise StageUnavailable(f"{self.stage} did not accept a connection in time") from None
         except TimeoutError:  # asyncio's total timeout and aiohttp's socket read timeout both derive from it
             status = "timeout"
             raise StageTimeout(f"{self.stage} did not answer {path} within {timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
-            raise StageUnavailable(f"{self.stage} at {self.base_url} is unreachable ({type(exc).__name__})") from None
+            log.debug("%s at %s is unreachable: %s", self.stage, self.base_url, exc)
+            raise StageUnavailable(f"{self.stage} is unreachable ({type(exc).__name__})") from None
         finally:
             if self.on_hop is not None:
                 self.on_hop(self.stage, op, status, time.perf_counter() - start)

@@ -23,6 +23,7 @@ from diffusion_unet.controlnets import ControlNetUse, RowGroup
 from shared.errors import InvalidValue, NumericalError
 from shared.protocol import DenoiseRequest, DenoiseResponse, ImageConditioning, MaskConditioning, finite
 from shared.serving.loras import LoraSet, LoraStore, lora_set
+from shared.serving.models import public_model_id
 
 
 class JobCancelled(Exception):
@@ -52,7 +53,7 @@ class UNetVariant:
     def config(self) -> dict[str, Any]:
         cfg = self.unet.config
         return {
-            "source": self.source,
+            "source": public_model_id(self.source),
             "cross_attention_dim": cfg.cross_attention_dim,
             "in_channels": cfg.in_channels,
             "out_channels": cfg.out_channels,

@@ -203,3 +203,31 @@ def test_a_request_fails_fast_when_a_stage_is_known_to_be_down(
         assert unet_runtime.batcher.forwards == forwards  # nothing was spent on the UNet
         orch.vae.transport = LocalTransport(vae_runtime)  # it comes back: served again, no restart
         assert client.post("/v1/txt2img", json=BODY).status_code == 200
+
+
+def test_public_answers_name_no_server_path(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any
+) -> None:
+    """Before: /v1/info and the metrics' labels showed the model cache under the home directory (and so that
+    the services ran as root), and a 503 named the stages' internal URLs."""
+    from central.clients import HttpTransport
+    from shared.serving.models import public_model_id
+
+    model_dir = str(settings.model)
+    assert public_model_id(model_dir) == model_dir.rstrip("/").rsplit("/", 1)[-1]
+    assert (
+        public_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )
+    orch = local_orchestrator(settings, te_runtime, unet_runtime, vae_runtime)
+    secret_url = "http://10.9.8.7:8003"
+    dead = settings.model_copy(update={"vae_decoder_url": secret_url, "connect_timeout_s": 0.2})
+    orch.vae.transport = HttpTransport("vae_decoder", secret_url, dead)
+    with TestClient(build_app(settings, orchestrator=orch)) as client:
+        info = client.get("/v1/info").json()
+        metrics = client.get("/metrics").text
+        models = client.get("/v1/models")
+        ready = client.get("/readyz")
+    text = str(info) + str(models.json()) + ready.text
+    assert model_dir not in text and "/" not in info["stages"]["text_encoder"]["model"]["id"]
+    assert "10.9.8.7" not in text and model_dir not in metrics
+    assert "vae_decoder" in ready.json()["error"]["message"]

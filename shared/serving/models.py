@@ -205,6 +205,16 @@ def resolve_model(settings: Settings) -> str:
     return str(path)
 
 
+def public_model_id(model: str) -> str:
+    """How a model is named in public answers (``/v1/info``, ``/v1/models``, metrics labels): a hub id as it
+    is, a local directory by its last component. Server paths (a home directory, the user the services run
+    as) stay in the logs."""
+    path = Path(model)
+    if path.is_absolute() or path.exists() or model.startswith((".", "~")):
+        return path.name or model
+    return model
+
+
 def is_random_weights(model: str) -> bool:
     return (Path(model) / "TRIPTYCH_RANDOM_WEIGHTS").exists()
 

@@ -20,7 +20,7 @@ from shared.errors import InvalidValue, Overloaded, StageUnavailable
 from shared.operations import OPERATIONS, Operation, StageName
 from shared.protocol import ModelRef, StageInfo, StageRequest, WireModel
 from shared.serving.batching import Batcher, ModelWorker, Work
-from shared.serving.models import is_random_weights, resolve_device, resolve_dtype, resolve_model
+from shared.serving.models import is_random_weights, public_model_id, resolve_device, resolve_dtype, resolve_model
 from shared.settings import Settings
 
 log = logging.getLogger("triptych.runtime")
@@ -66,7 +66,8 @@ class StageRuntime(ABC):
             if self.settings.cpu_threads:
                 torch.set_num_threads(self.settings.cpu_threads)
             model = resolve_model(self.settings)
-            self.model_id = model
+            self.model_id = public_model_id(model)
+            log.info("%s: model %s", self.stage, model)
             self.random_weights = is_random_weights(model)
             # Not under inference_mode: parameters created there lose requires_grad, and that alone changes
             # which CPU kernels run (1e-6 off, 1/255 in pixels) versus the pipeline's own loading.
