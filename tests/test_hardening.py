@@ -231,3 +231,46 @@ def test_public_answers_name_no_server_path(
     assert model_dir not in text and "/" not in info["stages"]["text_encoder"]["model"]["id"]
     assert "10.9.8.7" not in text and model_dir not in metrics
     assert "vae_decoder" in ready.json()["error"]["message"]
+
+
+def test_a_request_still_running_at_the_drain_timeout_gets_the_503_envelope() -> None:
+    """Before: when the drain timed out, uvicorn cancelled what was left and the client got a plain-text 500
+    (and the log a traceback). Now each gets the 503 envelope, and a request that finishes in time is served."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from shared.serving.middleware import install_observability
+
+    app = FastAPI()
+    install_observability(app, service="probe", drain_timeout_s=0.05)
+    lifecycle = app.state.lifecycle
+    stopped: list[str] = []
+
+    @app.get("/slow")
+    async def slow(seconds: float) -> dict[str, str]:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            stopped.append("cancelled")  # the work itself is stopped, not left running
+            raise
+        return {"done": "yes"}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://probe") as client:
+            quick = asyncio.ensure_future(client.get("/slow", params={"seconds": 0.01}))
+            long = asyncio.ensure_future(client.get("/slow", params={"seconds": 30}))
+            await asyncio.sleep(0.2)
+            lifecycle.begin_drain()
+            late = await client.get("/slow", params={"seconds": 0})  # new work while draining: refused
+            lifecycle.expire()  # what DrainingServer does once the drain timeout has passed
+            return await quick, await asyncio.wait_for(long, 10), late
+
+    quick, long, late = asyncio.run(scenario())
+    assert quick.status_code == 200 and quick.json() == {"done": "yes"}
+    err = assert_envelope(long, 503, type_="unavailable")
+    assert "stopped at the end of the drain" in err["message"] and long.headers["retry-after"] == "1"
+    assert stopped == ["cancelled"] and lifecycle.in_flight == 0
+    assert "shutting down" in assert_envelope(late, 503)["message"]

@@ -503,3 +503,39 @@ def test_serve_all_at_a_terminal_prints_concise_text(tiny_model: Path, tmp_path:
     assert f"Triptych is ready at {url}" in text
     # Short: the whole start, one request and the stop fit on a screen.
     assert len(lines) < 40, text
+
+
+def test_a_request_outliving_the_drain_gets_503_and_the_process_exits(tiny_model: Path, tmp_path: Path) -> None:
+    """A 1 s drain and a request that needs far longer: after SIGTERM the request gets the 503 envelope (before:
+    uvicorn cancelled it at exit and sent a plain-text 500, with a traceback in the log), the UNet stops the
+    job, and the process exits 0 within seconds of the drain timeout."""
+    port = free_port_block(1)
+    log = tmp_path / "central.log"
+    env = clean_env(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DRAIN_TIMEOUT_S="1")
+    proc = spawn_triptych(["serve", "central", "--embedded", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is None and is_ready(url), 120, "central to be ready", log)
+        result: dict[str, Any] = {}
+        slow = {**GOOD, "num_inference_steps": 499}
+        worker = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/txt2img", json=slow, timeout=120))
+        )
+        worker.start()
+        wait_for(
+            lambda: value(httpx.get(f"{url}/metrics", timeout=5).text, "triptych_http_requests_in_flight") >= 2,
+            30,
+            "the slow request to be in flight",
+            log,
+        )
+        proc.send_signal(signal.SIGTERM)
+        worker.join(timeout=60)
+        response = result["r"]
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "unavailable" and "drain" in response.json()["error"]["message"]
+        proc.wait(timeout=30)
+        assert proc.returncode == 0
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        stop(proc)

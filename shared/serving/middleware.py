@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
@@ -33,6 +35,16 @@ QUIET_PATHS = PROBE_PATHS | {"/v1/info"}
 ALWAYS_SERVED = frozenset({"/healthz", "/metrics"})
 
 
+async def _first(task: asyncio.Task[None], expired: asyncio.Event) -> bool:
+    """Wait for ``task`` or ``expired``; True when the drain expired first."""
+    waiter = asyncio.ensure_future(expired.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    return task not in done
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -41,6 +53,29 @@ def _route_of(scope: Scope) -> str:
 
 class ObservabilityMiddleware:
     """Request context, metrics, one access-log line and drain refusals for every HTTP request."""
+
+    async def _until_drain_expires(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """Run an admitted request; if the drain times out first, stop it and answer the 503 envelope (if its
+        answer has not started), instead of uvicorn cancelling it at exit with a plain-text 500."""
+        if self.lifecycle.expired.is_set():
+            await self.lifecycle.stopped(request_id)(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracked))
+        if not await _first(task, self.lifecycle.expired):
+            task.result()  # its own exception, if any, as without the drain
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not started:
+            await self.lifecycle.stopped(request_id)(scope, receive, send)
 
     def __init__(self, app: ASGIApp, metrics: Metrics, lifecycle: Lifecycle) -> None:
         self.app = app
@@ -74,6 +109,8 @@ class ObservabilityMiddleware:
         try:
             if lifecycle.draining and path not in ALWAYS_SERVED and not admitted:
                 await lifecycle.refusal(ctx.request_id)(scope, receive, send_with_id)
+            elif admitted:
+                await self._until_drain_expires(scope, receive, send_with_id, ctx.request_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:

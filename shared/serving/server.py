@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -34,6 +35,28 @@ class Lifecycle:
         self.drain_timeout_s = drain_timeout_s
         self.in_flight = 0
         self._drain_deadline: float | None = None
+        #: Set when the drain times out: requests still running are stopped and answered 503 (the middleware
+        #: waits on it beside each admitted request).
+        self.expired = asyncio.Event()
+
+    @property
+    def past_deadline(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+
+    def expire(self) -> None:
+        """The drain timed out: stop what is still running (each gets the 503 envelope). On the event loop."""
+        self.expired.set()
+
+    def stopped(self, request_id: str) -> Response:
+        return JSONResponse(
+            status_code=503,
+            content=error_envelope(
+                "unavailable",
+                f"{self.service} is shutting down: this request was stopped at the end of the drain "
+                f"({self.drain_timeout_s:g} s); retry (another replica)",
+            ),
+            headers={"Retry-After": "1", "Connection": "close", "X-Request-ID": request_id},
+        )
 
     @property
     def draining(self) -> bool:
@@ -109,9 +132,16 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         lc = self.lifecycle
-        if lc is not None and not self.should_exit and lc.drained():
-            if lc.in_flight:
-                log.error("%s: drain timeout; %d request(s) still running", lc.service, lc.in_flight)
-            self.should_exit = True
+        if lc is not None and not self.should_exit and lc.draining:
+            if lc.in_flight == 0:
+                self.should_exit = True
+            elif lc.past_deadline and not lc.expired.is_set():
+                # Stop them with a 503 envelope each (not uvicorn's plain 500 when it cancels the tasks), then
+                # exit once they have been answered, or a few ticks later whatever happens.
+                log.error("%s: drain timeout; stopping %d request(s) with 503", lc.service, lc.in_flight)
+                lc.expire()
+                self._expired_at = counter
+            elif lc.expired.is_set() and counter - getattr(self, "_expired_at", counter) > 20:  # ticks: 0.1 s
+                self.should_exit = True
         result: bool = await super().on_tick(counter)
         return result
