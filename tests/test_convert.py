@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import pickle
+import pickletools
 import re
 import socket
 import struct
@@ -357,8 +358,10 @@ def test_pickle_checkpoints_are_refused_unopened(
     path.write_bytes(pickle.dumps({"state_dict": _Trap(sentinel)}))
     assert_refused(capsys, [path, tmp_path / "out"], "pickle format", ".safetensors")
     assert not sentinel.exists()
-    pickle.loads(path.read_bytes())  # the trap is live: loading the file is what was avoided
-    assert sentinel.exists()
+    # The trap is live (a REDUCE that would call Path.touch), read without executing it: opening the file
+    # is what was avoided.
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(path.read_bytes())]
+    assert ("REDUCE", None) in ops and ("SHORT_BINUNICODE", "Path.touch") in ops
 
 
 def test_a_file_not_named_safetensors_is_refused(
