@@ -350,13 +350,7 @@ def drain_scenario(
 
     worker = threading.Thread(target=call)
     worker.start()
-    # In flight = this scrape plus the slow request.
-    wait_for(
-        lambda: value(httpx.get(f"{url}/metrics", timeout=5).text, "triptych_http_requests_in_flight") >= 2,
-        30,
-        "the slow request to be in flight",
-        log,
-    )
+    wait_in_flight(url, log)
     proc.send_signal(signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 503, 10, "/readyz to turn 503", log)
     refused = new_work()
@@ -372,6 +366,16 @@ def drain_scenario(
     assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
     response: httpx.Response = result["response"]
     return response
+
+
+def wait_in_flight(url: str, log: Path) -> None:
+    """Until a request is in flight at ``url`` besides this scrape."""
+    wait_for(
+        lambda: value(httpx.get(f"{url}/metrics", timeout=5).text, "triptych_http_requests_in_flight") >= 2,
+        30,
+        "the slow request to be in flight",
+        log,
+    )
 
 
 def test_sigterm_drains_central(tiny_model: Path, tmp_path: Path) -> None:
@@ -522,12 +526,7 @@ def test_a_request_outliving_the_drain_gets_503_and_the_process_exits(tiny_model
             target=lambda: result.update(r=httpx.post(f"{url}/v1/txt2img", json=slow, timeout=120))
         )
         worker.start()
-        wait_for(
-            lambda: value(httpx.get(f"{url}/metrics", timeout=5).text, "triptych_http_requests_in_flight") >= 2,
-            30,
-            "the slow request to be in flight",
-            log,
-        )
+        wait_in_flight(url, log)
         proc.send_signal(signal.SIGTERM)
         worker.join(timeout=60)
         response = result["r"]
