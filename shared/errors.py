@@ -6,6 +6,7 @@ Exception tree (each maps to one HTTP status)::
     ├── NumericalError                 500 numerical_error  (a model produced NaN/inf: never a black 200)
     ├── MalformedRequest               400 malformed_request
     ├── NotFound                       404 not_found
+    ├── RequestTimeout                 408 request_timeout   (a body that does not arrive in time)
     ├── PayloadTooLarge                413 payload_too_large
     ├── UnsupportedMediaType           415 unsupported_media_type
     ├── InvalidValue                   422 invalid_value     (names the field in ``param``)
@@ -60,6 +61,10 @@ class MalformedRequest(TriptychError):
 
 class NotFound(TriptychError):
     status, type = 404, "not_found"
+
+
+class RequestTimeout(TriptychError):
+    status, type = 408, "request_timeout"
 
 
 class PayloadTooLarge(TriptychError):

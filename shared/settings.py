@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     max_num_images: int = Field(default=8, ge=1)
     max_inference_steps: int = Field(default=500, ge=1)
     max_side: int = Field(default=2048, ge=8, description="Largest width or height in pixels.")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a request body may take to arrive, in all (slow senders); then 408."
+    )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Largest input image file.")
     max_image_pixels: int = Field(default=4096 * 4096, gt=0, description="Largest input image, width x height.")
 

@@ -274,3 +274,41 @@ def test_a_request_still_running_at_the_drain_timeout_gets_the_503_envelope() ->
     assert "stopped at the end of the drain" in err["message"] and long.headers["retry-after"] == "1"
     assert stopped == ["cancelled"] and lifecycle.in_flight == 0
     assert "shutting down" in assert_envelope(late, 503)["message"]
+
+
+@pytest.mark.parametrize("service", ["central", "vae_decoder"])
+def test_a_body_that_does_not_arrive_in_time_is_408(
+    settings: Settings, te_runtime: Any, unet_runtime: Any, vae_runtime: Any, service: str
+) -> None:
+    """Before: a client announcing 100 kB and sending 10 bytes held its connection for minutes (2000 of them
+    stayed open). Now the body must arrive within TRIPTYCH_BODY_TIMEOUT_S: 408, and the service goes on."""
+    import asyncio
+
+    import httpx
+
+    quick = settings.model_copy(update={"body_timeout_s": 0.5})
+    if service == "central":
+        app = build_app(quick, orchestrator=local_orchestrator(quick, te_runtime, unet_runtime, vae_runtime))
+        path, content_type, good = "/v1/txt2img", "application/json", b'{"prompt": "x", "num_inference_steps": 2}'
+    else:
+        app = vae_app(quick, vae_runtime)
+        path, content_type, good = "/v1/decode", wire.CONTENT_TYPE, wire.encode({"latents": torch.randn(1, 4, 8, 8)})
+
+    async def trickle() -> Any:
+        yield good[:10]
+        await asyncio.sleep(30)  # the rest never comes in time
+        yield good[10:]
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc", timeout=20) as client:
+            headers = {"content-type": content_type, "content-length": str(len(good))}
+            slow = await asyncio.wait_for(client.post(path, content=trickle(), headers=headers), 10)
+            fine = await client.post(path, content=good, headers={"content-type": content_type})
+            return slow, fine
+
+    with TestClient(app):  # the lifespan (central checks its stages)
+        slow, fine = asyncio.run(scenario())
+    err = assert_envelope(slow, 408, type_="request_timeout")
+    assert "TRIPTYCH_BODY_TIMEOUT_S" in err["message"]
+    assert fine.status_code == 200, fine.text

@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 from shared import __version__, wire
 from shared.errors import install_error_handlers
 from shared.operations import Operation
-from shared.serving.http import MsgpackResponse, read_message, unless_disconnected
+from shared.serving.http import BodyTimeout, MsgpackResponse, read_message, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.runtime import StageRuntime
 from shared.serving.security import install_access, split_list
@@ -101,6 +101,7 @@ def build_stage_app(
     install_error_handlers(app)
     install_observability(app, service=runtime.stage, runtime=runtime, drain_timeout_s=runtime.settings.drain_timeout_s)
     stage_settings = settings or runtime.settings
+    app.add_middleware(BodyTimeout, timeout_s=stage_settings.body_timeout_s)
     token = stage_settings.stage_token.get_secret_value()
     # Stages take no browser calls: no CORS origins, so any cross-origin POST is refused.
     install_access(
