@@ -65,7 +65,6 @@ class UNetRuntime(StageRuntime):
         self.controlnets = ControlNetStore(
             parse_controlnets(self.settings.controlnets), self.place, capacity=self.settings.controlnet_cache_size
         )
-        self.controlnets.catalog()  # likewise their weights
         base_unet = load_component(UNet2DConditionModel, model, "unet")
         base_scheduler = _scheduler_config(model)
         self.variants: dict[str, UNetVariant] = {BASE: self._load_variant(BASE, model, base_unet, base_scheduler)}

@@ -45,6 +45,11 @@ async def _first(task: asyncio.Task[None], expired: asyncio.Event) -> bool:
     return task not in done
 
 
+def scope_headers(scope: Scope) -> dict[str, str]:
+    """An ASGI request's headers as a dict of lower-case names (the last value of a repeated header)."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -86,7 +91,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = scope_headers(scope)
         ctx = tracing.context_from_headers(headers)
         token = tracing.enter(ctx)
         metrics, lifecycle, path = self.metrics, self.lifecycle, scope["path"]

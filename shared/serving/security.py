@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.errors import error_envelope
-from shared.serving.middleware import PROBE_PATHS
+from shared.serving.middleware import PROBE_PATHS, scope_headers
 
 #: The docs pages and their files: served without a key (``fastapi-offline`` mounts its files under the last).
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -72,7 +72,7 @@ class AccessGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = scope_headers(scope)
         refusal = self._refusal(scope, headers)
         if refusal is None:
             await self.app(scope, receive, send)

@@ -39,10 +39,6 @@ class Lifecycle:
         #: waits on it beside each admitted request).
         self.expired = asyncio.Event()
 
-    @property
-    def past_deadline(self) -> bool:
-        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
-
     def expire(self) -> None:
         """The drain timed out: stop what is still running (each gets the 503 envelope). On the event loop."""
         self.expired.set()
@@ -132,10 +128,10 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         lc = self.lifecycle
-        if lc is not None and not self.should_exit and lc.draining:
+        if lc is not None and not self.should_exit and lc.drained():
             if lc.in_flight == 0:
                 self.should_exit = True
-            elif lc.past_deadline and not lc.expired.is_set():
+            elif not lc.expired.is_set():
                 # Stop them with a 503 envelope each (not uvicorn's plain 500 when it cancels the tasks), then
                 # exit once they have been answered, or a few ticks later whatever happens.
                 log.error("%s: drain timeout; stopping %d request(s) with 503", lc.service, lc.in_flight)
