@@ -53,7 +53,7 @@ from shared.protocol import (
     Txt2ImgRequest,
     Txt2ImgResponse,
 )
-from shared.serving.http import BodyTimeout, read_body, unless_disconnected
+from shared.serving.http import BodyTimeout, install_connection_cap, read_body, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.security import install_access, parse_keys, split_list
 from shared.settings import Settings, get_settings
@@ -282,6 +282,7 @@ def build_app(
     app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout_s)
     install_access(app, keys=parse_keys(settings.api_keys.get_secret_value()), who="central",
                    origins=split_list(settings.cors_origins), hosts=split_list(settings.allowed_hosts))  # fmt: skip
+    install_connection_cap(app, settings.max_connections)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="Longest a request body may take to arrive, in all (slow senders); then 408."
     )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Requests a service holds open at once, bodies still arriving included; past it: 429 (probes "
+        "always pass). uvicorn closes sockets beyond this plus 64.",
+    )
     max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Largest input image file.")
     max_image_pixels: int = Field(default=4096 * 4096, gt=0, description="Largest input image, width x height.")
 

@@ -312,3 +312,42 @@ def test_a_body_that_does_not_arrive_in_time_is_408(
     err = assert_envelope(slow, 408, type_="request_timeout")
     assert "TRIPTYCH_BODY_TIMEOUT_S" in err["message"]
     assert fine.status_code == 200, fine.text
+
+
+def test_connections_past_the_cap_are_refused_with_429_while_probes_pass(settings: Settings, vae_runtime: Any) -> None:
+    """Before: every slow sender held a connection and nothing bounded how many; 2000 of them stayed open. Now
+    TRIPTYCH_MAX_CONNECTIONS requests are held at most: the next gets 429 + Retry-After before its body is read,
+    the probes still answer, and once the slow ones are timed out (408) the service takes work again."""
+    import asyncio
+
+    import httpx
+
+    capped = settings.model_copy(update={"body_timeout_s": 1.0, "max_connections": 2})
+    app = vae_app(capped, vae_runtime)
+    good = wire.encode({"latents": torch.randn(1, 4, 8, 8)})
+    headers = {"content-type": wire.CONTENT_TYPE, "content-length": str(len(good))}
+
+    async def trickle() -> Any:
+        yield good[:10]
+        await asyncio.sleep(30)
+        yield good[10:]
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc", timeout=20) as client:
+            slow = [asyncio.ensure_future(client.post("/v1/decode", content=trickle(), headers=headers)) for _ in "ab"]
+            while app.state.connection_cap.in_progress < 2:  # both slow senders hold their slot
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/decode", content=good, headers={"content-type": wire.CONTENT_TYPE})
+            probe = await client.get("/healthz")
+            held = await asyncio.wait_for(asyncio.gather(*slow), 10)
+            after = await client.post("/v1/decode", content=good, headers={"content-type": wire.CONTENT_TYPE})
+            return list(held), refused, probe, after
+
+    with TestClient(app):
+        held, refused, probe, after = asyncio.run(scenario())
+    err = assert_envelope(refused, 429, type_="overloaded")
+    assert "TRIPTYCH_MAX_CONNECTIONS" in err["message"] and refused.headers["retry-after"] == "1"
+    assert probe.status_code == 200
+    assert [r.status_code for r in held] == [408, 408]
+    assert after.status_code == 200 and app.state.connection_cap.in_progress == 0

@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 from shared import __version__, wire
 from shared.errors import install_error_handlers
 from shared.operations import Operation
-from shared.serving.http import BodyTimeout, MsgpackResponse, read_message, unless_disconnected
+from shared.serving.http import BodyTimeout, MsgpackResponse, install_connection_cap, read_message, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.runtime import StageRuntime
 from shared.serving.security import install_access, split_list
@@ -107,6 +107,7 @@ def build_stage_app(
     install_access(
         app, keys=[token] if token else [], hosts=split_list(stage_settings.allowed_hosts), who=runtime.stage
     )
+    install_connection_cap(app, stage_settings.max_connections)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:

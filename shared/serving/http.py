@@ -6,15 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from shared import wire
-from shared.errors import MalformedRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from shared.errors import (
+    MalformedRequest,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    error_response,
+)
 from shared.protocol import parse_message
+from shared.serving.middleware import PROBE_PATHS
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -74,6 +83,51 @@ class BodyTimeout:
             return message
 
         await self.app(scope, timed_receive, send)
+
+
+@dataclass
+class Slots:
+    """The state of a ``ConnectionCap``: kept on ``app.state.connection_cap`` (metrics, tests)."""
+
+    limit: int
+    in_progress: int = 0
+
+
+class ConnectionCap:
+    """ASGI middleware: at most ``slots.limit`` requests in progress at once, counted from their headers (so a
+    client still sending its body holds a slot until it finishes or ``BodyTimeout`` frees it). Past the limit a
+    request gets 429 with ``Retry-After`` at once, before its body is read; the probes (``/healthz``,
+    ``/readyz``, ``/metrics``) always pass so an orchestrator does not restart a service for being busy. It sits
+    in front of everything else, so a flood is refused before keys are compared or routes run.
+
+    The sockets themselves are bounded by uvicorn's ``limit_concurrency`` (``serve``: the limit + 64), whose
+    plain-text 503 is reached only when this cap did not see the requests (idle keep-alive connections)."""
+
+    def __init__(self, app: Any, slots: Slots) -> None:
+        self.app = app
+        self.slots = slots
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        slots = self.slots
+        if slots.in_progress >= slots.limit:
+            refusal = Overloaded(f"more than {slots.limit} requests at once (TRIPTYCH_MAX_CONNECTIONS); retry later")
+            await error_response(refusal)(scope, receive, send)
+            return
+        slots.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slots.in_progress -= 1
+
+
+def install_connection_cap(app: FastAPI, limit: int) -> None:
+    """Put a ``ConnectionCap`` of ``limit`` in front of ``app`` (call it after every other middleware) and tell
+    ``shared.serving.server.serve`` the limit (uvicorn's socket bound derives from it)."""
+    app.state.connection_cap = Slots(limit)
+    app.add_middleware(ConnectionCap, slots=app.state.connection_cap)
 
 
 async def read_message(request: Request, model: type[M], limits: wire.Limits) -> M:

@@ -20,6 +20,8 @@ log = logging.getLogger("triptych.server")
 # sit idle for a whole denoise between uses of the text encoder or VAE; a new connection per hop cost ~1 ms.
 # Central's client drops its idle connections first (central.clients.KEEPALIVE_S).
 KEEP_ALIVE_S = 75
+# Sockets uvicorn accepts beyond TRIPTYCH_MAX_CONNECTIONS (idle keep-alive ones, probes) before its plain 503.
+CONNECTION_MARGIN = 64
 
 
 class Lifecycle:
@@ -86,6 +88,7 @@ def serve(app: FastAPI, *, host: str, port: int) -> None:
     drain timeout, ``TRIPTYCH_DRAIN_TIMEOUT_S``) uvicorn shuts down as usual and the process exits 0.
     A second signal stops at once.
     """
+    cap = getattr(app.state, "connection_cap", None)
     config = uvicorn.Config(
         app,
         host=host,
@@ -96,6 +99,8 @@ def serve(app: FastAPI, *, host: str, port: int) -> None:
         access_log=False,  # triptych.access writes one line per request instead
         timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=5,  # what is left after the drain: closing idle connections
+        # The hard bound on sockets; the app's own ConnectionCap answers 429 envelopes below it.
+        limit_concurrency=cap.limit + CONNECTION_MARGIN if cap is not None else None,
     )
     server = DrainingServer(config, getattr(app.state, "lifecycle", None))
     server.run()
