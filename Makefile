@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m bench.throughput
 	$(PY) -m bench.lora_mix --preset tiny --size 64 --steps 20
 	$(PY) -m bench.lora_mix
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
