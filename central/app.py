@@ -34,6 +34,7 @@ from central.clients import (
 from central.controlnet import attach_form_images
 from central.images import read_form
 from central.pipeline import Generation, Orchestrator
+from central.replicas import ReplicaTransport, stage_transport
 from shared import __version__, wire
 from shared.errors import (
     InvalidValue,
@@ -67,12 +68,13 @@ FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 
 
 def http_orchestrator(settings: Settings) -> Orchestrator:
-    """Clients for three stage services at the configured URLs, each hop with its operation's timeout."""
+    """Clients for three stage services at the configured URLs (each one replica or several, see
+    ``central.replicas``), each hop with its operation's timeout."""
     limits = wire.Limits(max_body_bytes=settings.max_body_bytes)  # a stage's reply is bounded like a request
     return Orchestrator(
-        TextEncoderClient(HttpTransport("text_encoder", settings.text_encoder_url, settings, limits=limits)),
-        UNetClient(HttpTransport("diffusion_unet", settings.diffusion_unet_url, settings, limits=limits)),
-        VaeClient(HttpTransport("vae_decoder", settings.vae_decoder_url, settings, limits=limits)),
+        TextEncoderClient(stage_transport("text_encoder", settings.text_encoder_url, settings, limits=limits)),
+        UNetClient(stage_transport("diffusion_unet", settings.diffusion_unet_url, settings, limits=limits)),
+        VaeClient(stage_transport("vae_decoder", settings.vae_decoder_url, settings, limits=limits)),
         settings,
     )
 
@@ -80,7 +82,7 @@ def http_orchestrator(settings: Settings) -> Orchestrator:
 def observe_hops(orchestrator: Orchestrator, observer: HopObserver) -> None:
     """Record every HTTP hop of ``orchestrator`` that nobody records yet with ``observer``."""
     for client in (orchestrator.text_encoder, orchestrator.unet, orchestrator.vae):
-        if isinstance(client.transport, HttpTransport) and client.transport.on_hop is None:
+        if isinstance(client.transport, HttpTransport | ReplicaTransport) and client.transport.on_hop is None:
             client.transport.on_hop = observer
 
 

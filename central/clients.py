@@ -31,6 +31,7 @@ import aiohttp
 from shared import wire
 from shared.errors import (
     StageBadResponse,
+    StageRefused,
     StageTimeout,
     StageUnavailable,
     TriptychError,
@@ -117,9 +118,11 @@ class HttpTransport:
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         exchange: Exchange | None = None,
         on_hop: HopObserver | None = None,
+        host_header: str | None = None,
     ) -> None:
         self.stage = stage
         self.base_url = base_url.rstrip("/")
+        self._host = host_header  # a replica reached by its address still gets the service's name as Host
         self._settings = settings
         self._token = settings.stage_token.get_secret_value()  # sent to the stage when set (SPEC §13)
         self._connect = settings.connect_timeout_s
@@ -157,7 +160,13 @@ class HttpTransport:
             # died after working on it for a while (it would only die again): those are 503 now.
             if isinstance(exc, aiohttp.ClientConnectorError) or time.perf_counter() - sent > RETRY_WINDOW_S:
                 raise
-        return await self._request(method, url, body, headers, timeout)
+            first = exc
+        try:
+            return await self._request(method, url, body, headers, timeout)
+        except aiohttp.ClientConnectorError:
+            # The stage is gone now: it may have died working on the first attempt, so this is not a call it
+            # never took (StageRefused) but the first attempt's lost connection.
+            raise first from None
 
     async def _request(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], timeout: aiohttp.ClientTimeout
@@ -186,6 +195,8 @@ class HttpTransport:
         headers = {"accept": wire.CONTENT_TYPE if body is not None else "application/json", **outgoing_headers()}
         if self._token:
             headers["authorization"] = f"Bearer {self._token}"
+        if self._host:
+            headers["host"] = self._host
         if body is not None:
             headers["content-type"] = wire.CONTENT_TYPE
         start = time.perf_counter()
@@ -200,13 +211,15 @@ class HttpTransport:
         except aiohttp.ConnectionTimeoutError:
             # The stage's address goes to the log, not to the caller (internal URLs are not public).
             log.debug("%s at %s did not accept a connection in time", self.stage, self.base_url)
-            raise StageUnavailable(f"{self.stage} did not accept a connection in time") from None
+            raise StageRefused(f"{self.stage} did not accept a connection in time") from None
         except TimeoutError:  # asyncio's total timeout and aiohttp's socket read timeout both derive from it
             status = "timeout"
             raise StageTimeout(f"{self.stage} did not answer {path} within {timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
             log.debug("%s at %s is unreachable: %s", self.stage, self.base_url, exc)
-            raise StageUnavailable(f"{self.stage} is unreachable ({type(exc).__name__})") from None
+            # No connection: nothing was sent. A connection lost after sending: the stage may have worked on it.
+            error = StageRefused if isinstance(exc, aiohttp.ClientConnectorError) else StageUnavailable
+            raise error(f"{self.stage} is unreachable ({type(exc).__name__})") from None
         finally:
             if self.on_hop is not None:
                 self.on_hop(self.stage, op, status, time.perf_counter() - start)
@@ -230,7 +243,8 @@ class HttpTransport:
         if status in RELAYED_STATUSES and err:
             raise UpstreamClientError(status, str(err.get("type", "invalid_value")), message, err.get("param"), headers)
         if status == 503:
-            raise StageUnavailable(f"{self.stage} is unavailable: {message}", headers=headers)
+            # A stage answers 503 only for work it did not (or no longer will) compute: loading, draining.
+            raise StageRefused(f"{self.stage} is unavailable: {message}", headers=headers)
         if status == 504:
             raise StageTimeout(f"{self.stage} timed out: {message}")
         raise StageBadResponse(f"{self.stage} answered {path} with HTTP {status}: {message}")

@@ -13,6 +13,7 @@ Exception tree (each maps to one HTTP status)::
     ├── Overloaded                     429 overloaded        (sets Retry-After)
     ├── StageBadResponse               502 bad_gateway
     ├── StageUnavailable               503 unavailable
+    │   └── StageRefused               503 unavailable       (the stage took no work: safe to send elsewhere)
     └── StageTimeout                   504 timeout
 
 ``install_error_handlers(app)`` makes FastAPI answer every failure with the envelope: ours, FastAPI's
@@ -92,6 +93,11 @@ class StageBadResponse(TriptychError):
 
 class StageUnavailable(TriptychError):
     status, type = 503, "unavailable"
+
+
+class StageRefused(StageUnavailable):
+    """The stage did not take the request: no connection could be made, or it answered 503 before admitting
+    it (loading, draining). Nothing was computed, so another replica may be asked (``central.replicas``)."""
 
 
 class StageTimeout(TriptychError):

@@ -137,10 +137,19 @@ class Settings(BaseSettings):
 
     @field_validator("text_encoder_url", "diffusion_unet_url", "vae_decoder_url")
     @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"stage URL must start with http:// or https://, got {v!r}")
-        return v.rstrip("/")
+    def _stage_urls(cls, v: str) -> str:
+        """One URL, several comma-separated (replicas), or ``dns+http://name:port`` (every address of a name)."""
+        urls = [part.strip().rstrip("/") for part in v.split(",") if part.strip()]
+        if not urls:
+            raise ValueError("a stage URL is required")
+        for url in urls:
+            plain = url.removeprefix("dns+") if len(urls) == 1 else url
+            if not plain.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"stage URL must start with http:// or https:// (or dns+http:// for every address of a name), "
+                    f"got {url!r}"
+                )
+        return ",".join(urls)
 
 
 def parse_named_paths(spec: str, setting: str, valid: Callable[[str], bool]) -> dict[str, str]:
