@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
 import orjson
 import pybase64
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
-from PIL import Image
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from central.clients import (
@@ -31,30 +27,28 @@ from central.clients import (
     UNetClient,
     VaeClient,
 )
-from central.controlnet import attach_form_images
-from central.images import read_form
+from central.images import MEDIA_TYPES, encode_images
+from central.jobs import install_jobs, start_jobs, stop_jobs
 from central.pipeline import Generation, Orchestrator
 from central.replicas import ReplicaTransport, stage_transport
+from central.requests import read_task_request, takes_files
+from central.web import install_web
 from shared import __version__, wire
 from shared.errors import (
     InvalidValue,
-    MalformedRequest,
     Overloaded,
     StageUnavailable,
     TriptychError,
-    UnsupportedMediaType,
     install_error_handlers,
-    validation_error,
 )
 from shared.protocol import (
-    MAX_CONTROLNETS,
     Img2ImgRequest,
     InpaintRequest,
     OutpaintRequest,
     Txt2ImgRequest,
     Txt2ImgResponse,
 )
-from shared.serving.http import BodyTimeout, install_connection_cap, read_body, unless_disconnected
+from shared.serving.http import BodyTimeout, install_connection_cap, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.security import install_access, parse_keys, split_list
 from shared.settings import Settings, get_settings
@@ -63,7 +57,6 @@ STAGE_NAMES = ("text_encoder", "diffusion_unet", "vae_decoder")
 log = logging.getLogger("triptych.central")
 T = TypeVar("T", bound=BaseModel)
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FORMAT_OF_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 
 
@@ -128,23 +121,6 @@ async def load_local_runtimes(orchestrator: Orchestrator) -> None:
             await client.transport.runtime.load_async()
 
 
-def encode_images(images: torch.Tensor, fmt: str) -> list[bytes]:
-    """uint8 (B, H, W, 3) -> one file per image. PNG is lossless: its pixels are exactly the tensor's."""
-    out = []
-    array = images.numpy()
-    for i in range(array.shape[0]):
-        buf = io.BytesIO()
-        image = Image.fromarray(np.ascontiguousarray(array[i]))
-        if fmt == "png":
-            image.save(buf, format="PNG", compress_level=1)
-        elif fmt == "jpeg":
-            image.save(buf, format="JPEG", quality=95)
-        else:
-            image.save(buf, format="WEBP", quality=95)
-        out.append(buf.getvalue())
-    return out
-
-
 def wanted_image_format(accept: str) -> str | None:
     """The image format the Accept header asks for, if it names one exactly (not */*)."""
     for part in accept.split(","):
@@ -166,47 +142,6 @@ async def get_orchestrator(request: Request) -> Orchestrator:
 OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 
 
-async def read_task_request(request: Request, settings: Settings, model: type[T]) -> T:
-    """A task request from a JSON body, or (image tasks) from multipart/form-data with images as files."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    takes_files = _takes_files(model)
-    if takes_files and content_type == "multipart/form-data":
-        images = 2 + MAX_CONTROLNETS  # image, mask_image, controlnet_image_<i>
-        fields, files = await read_form(
-            request, max_bytes=images * settings.max_image_bytes + settings.max_json_body_bytes, max_files=images
-        )
-        data: dict[str, Any] = {**fields, **files}
-        for name in ("loras", "controlnets"):
-            if isinstance(data.get(name), str):  # a list in a form field: JSON text
-                try:
-                    data[name] = orjson.loads(data[name])
-                except orjson.JSONDecodeError:
-                    raise InvalidValue(f"`{name}` must be a JSON list in a form field", param=name) from None
-        attach_form_images(data)
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            raise validation_error(exc.errors(include_url=False)) from None
-    if content_type != "application/json":
-        allowed = "application/json or multipart/form-data" if takes_files else "application/json"
-        raise UnsupportedMediaType(f"Content-Type must be {allowed}, got {content_type or 'none'}")
-    body = await read_body(request, settings.max_json_body_bytes)
-    if not body:
-        raise MalformedRequest("request body is empty; send a JSON object with at least `prompt`")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if errors and (errors[0].get("type") in ("json_invalid", "json_type") or not errors[0].get("loc")):
-            raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
-        raise validation_error(errors) from None
-
-
-def _takes_files(model: type[BaseModel]) -> bool:
-    """Image tasks, and any task with ControlNets (their control images), also take multipart/form-data."""
-    return "image" in model.model_fields or "controlnets" in model.model_fields
-
-
 #: Where the request bodies' nested models are documented (``_with_request_models``).
 COMPONENTS = "#/components/schemas/{model}"
 
@@ -218,7 +153,7 @@ def _request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template=COMPONENTS)
     schema.pop("$defs", None)
     content: dict[str, Any] = {"application/json": {"schema": schema}}
-    if _takes_files(model):
+    if takes_files(model):
         content["multipart/form-data"] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}}
 
@@ -267,9 +202,11 @@ def build_app(
             # Stages may start after central; /readyz keeps reporting until they agree.
             urls = ", ".join(f"{stage} {getattr(settings, f'{stage}_url')}" for stage in STAGE_NAMES)
             log.info("waiting for the stages (%s): %s", urls, exc.message)
+        await start_jobs(app, settings, orch)
         try:
             yield
         finally:
+            await stop_jobs(app)
             await orch.aclose()
 
     app = FastAPIOffline(
@@ -285,6 +222,9 @@ def build_app(
     install_access(app, keys=parse_keys(settings.api_keys.get_secret_value()), who="central",
                    origins=split_list(settings.cors_origins), hosts=split_list(settings.allowed_hosts))  # fmt: skip
     install_connection_cap(app, settings.max_connections)
+
+    install_jobs(app, settings)
+    install_web(app)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:

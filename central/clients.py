@@ -79,7 +79,7 @@ class Transport(Protocol):
     @property
     def stage(self) -> str: ...
 
-    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp: ...
+    async def call(self, op: Operation[Req, Resp], request: Req, on_progress: Progress | None = None) -> Resp: ...
 
     async def info(self) -> StageInfo: ...
 
@@ -101,6 +101,8 @@ class HttpReply:
 
 # (method, url, body, headers, timeout_s) -> reply. aiohttp by default; tests pass a stage app double.
 Exchange = Callable[[str, str, bytes | None, dict[str, str], float], Awaitable[HttpReply]]
+# A stage's progress events (the UNet: {"step", "steps", "preview"?}), called on central's event loop.
+Progress = Callable[[dict[str, Any]], None]
 # (stage, op, status or "timeout" / "unreachable" / "bad_response", seconds): central's hop metric.
 HopObserver = Callable[[str, str, int | str, float], None]
 
@@ -191,20 +193,29 @@ class HttpTransport:
         return b"".join(chunks)
 
     # ------------------------------------------------------------------ one hop
-    async def _send(self, op: str, method: str, path: str, timeout_s: float, body: bytes | None = None) -> HttpReply:
-        headers = {"accept": wire.CONTENT_TYPE if body is not None else "application/json", **outgoing_headers()}
+    def _headers(self, accept: str, body: bytes | None) -> dict[str, str]:
+        headers = {"accept": accept, **outgoing_headers()}
         if self._token:
             headers["authorization"] = f"Bearer {self._token}"
         if self._host:
             headers["host"] = self._host
         if body is not None:
             headers["content-type"] = wire.CONTENT_TYPE
+        return headers
+
+    async def _send(self, op: str, method: str, path: str, timeout_s: float, body: bytes | None = None) -> HttpReply:
+        accept = wire.CONTENT_TYPE if body is not None else "application/json"
+        exchange = self._exchange(method, self.base_url + path, body, self._headers(accept, body), timeout_s)
+        return await self._guarded(op, path, timeout_s, exchange)
+
+    async def _guarded(self, op: str, path: str, timeout_s: float, exchange: Awaitable[T]) -> T:
+        """``exchange`` with every transport failure turned into one of our errors, and the hop observed."""
         start = time.perf_counter()
         status: int | str = "unreachable"
         try:
-            reply = await self._exchange(method, self.base_url + path, body, headers, timeout_s)
-            status = reply.status
-            return reply
+            result = await exchange
+            status = result.status if isinstance(result, HttpReply) else 200
+            return result
         except TriptychError:
             status = "bad_response"
             raise
@@ -249,8 +260,10 @@ class HttpTransport:
             raise StageTimeout(f"{self.stage} timed out: {message}")
         raise StageBadResponse(f"{self.stage} answered {path} with HTTP {status}: {message}")
 
-    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp:
+    async def call(self, op: Operation[Req, Resp], request: Req, on_progress: Progress | None = None) -> Resp:
         path = op.path
+        if on_progress is not None:
+            return await self._streamed(op, request, on_progress)
         reply = await self._send(op.name, "POST", path, op.timeout(self._settings), wire.encode(request.to_wire()))
         self._raise_for_status(reply, path)
         if reply.media_type != wire.CONTENT_TYPE:
@@ -259,6 +272,53 @@ class HttpTransport:
             return parse_message(reply.body, op.response, self._limits)
         except TriptychError as exc:
             raise StageBadResponse(f"{self.stage} answered {path} with an invalid message: {exc.message}") from None
+
+    async def _streamed(self, op: Operation[Req, Resp], request: Req, on_progress: Progress) -> Resp:
+        """``op`` with its answer streamed (``wire.STREAM_CONTENT_TYPE``): progress frames go to ``on_progress``
+        as they arrive, the result frame is the answer. Cancelling this call closes the connection, and the
+        stage abandons the work (the UNet before its next step)."""
+        body = wire.encode(request.to_wire())
+        headers = self._headers(wire.STREAM_CONTENT_TYPE, body)
+        timeout_s = op.timeout(self._settings)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(self._connect, timeout_s))
+
+        async def exchange() -> Resp:
+            url = self.base_url + op.path
+            async with self._client().post(url, data=body, headers=headers, timeout=timeout) as r:
+                media = r.headers.get("content-type", "").split(";")[0].strip().lower()
+                if r.status != 200 or media != wire.STREAM_CONTENT_TYPE:
+                    reply = HttpReply(r.status, {k.lower(): v for k, v in r.headers.items()}, await self._read(r))
+                    self._raise_for_status(reply, op.path)
+                    raise StageBadResponse(f"{self.stage} answered {op.path} with {media or 'no'} content type")
+                reader = wire.FrameReader(self._limits)
+                async for chunk in r.content.iter_any():
+                    try:
+                        frames = reader.feed(chunk)
+                    except wire.WireError as exc:
+                        raise StageBadResponse(f"{self.stage} streamed an invalid frame: {exc}") from None
+                    for frame in frames:
+                        result = self._frame(op, frame, on_progress)
+                        if result is not None:
+                            return result
+            raise StageBadResponse(f"{self.stage}'s stream for {op.path} ended without a result")
+
+        return await self._guarded(op.name, op.path, timeout_s, exchange())
+
+    def _frame(self, op: Operation[Req, Resp], frame: Any, on_progress: Progress) -> Resp | None:
+        """One frame of a streamed answer: progress (handed on), the result, or the stage's error (raised)."""
+        event = frame.get("event") if isinstance(frame, dict) else None
+        if event == "progress":
+            on_progress({k: v for k, v in frame.items() if k != "event"})
+            return None
+        if event == "result" and isinstance(frame.get("message"), dict):
+            try:
+                return op.response.model_validate(frame["message"])
+            except ValueError as exc:
+                raise StageBadResponse(f"{self.stage} streamed an invalid result: {exc}") from None
+        if event == "error" and isinstance(frame.get("status"), int):
+            envelope = {"error": frame.get("error")}
+            self._raise_for_status(HttpReply(frame["status"], {}, json.dumps(envelope).encode()), op.path)
+        raise StageBadResponse(f"{self.stage} streamed an unknown frame ({str(event)[:40]!r})")
 
     async def info(self) -> StageInfo:
         reply = await self._send("info", "GET", "/v1/info", self._info_timeout)
@@ -285,7 +345,9 @@ class LocalStage(Protocol):
 
     async def load_async(self) -> None: ...
 
-    async def call(self, op: Operation[Req, Resp], message: Req) -> Resp: ...
+    async def call(
+        self, op: Operation[Req, Resp], message: Req, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> Resp: ...
 
     def info(self) -> StageInfo: ...
 
@@ -300,8 +362,15 @@ class LocalTransport:
         self.stage = runtime.stage
         self._owned = owned
 
-    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp:
-        result = await self.runtime.call(op, request)
+    async def call(self, op: Operation[Req, Resp], request: Req, on_progress: Progress | None = None) -> Resp:
+        listener = None
+        if on_progress is not None:
+            loop = asyncio.get_running_loop()
+
+            def listener(event: dict[str, Any]) -> None:  # on the model thread: hand over to the event loop
+                loop.call_soon_threadsafe(on_progress, event)
+
+        result = await self.runtime.call(op, request, listener)
         if not isinstance(result, op.response):
             raise StageBadResponse(f"{self.stage}.{op.name} returned {type(result).__name__}")
         return result
@@ -331,8 +400,8 @@ class StageClient:
         if self.down_since is not None:
             await self.info()
 
-    async def _call(self, op: Operation[Req, Resp], request: Req) -> Resp:
-        return await self._watched(self.transport.call(op, request))
+    async def _call(self, op: Operation[Req, Resp], request: Req, on_progress: Progress | None = None) -> Resp:
+        return await self._watched(self.transport.call(op, request, on_progress))
 
     async def _watched(self, call: Awaitable[T]) -> T:
         try:
@@ -353,8 +422,10 @@ class TextEncoderClient(StageClient):
 
 
 class UNetClient(StageClient):
-    async def denoise(self, request: DenoiseRequest) -> DenoiseResponse:
-        return await self._call(DENOISE, request)
+    async def denoise(self, request: DenoiseRequest, on_progress: Progress | None = None) -> DenoiseResponse:
+        """The denoise loop; with ``on_progress``, its events after every step (and ``preview`` tensors every
+        ``request.preview_every`` steps) as they happen."""
+        return await self._call(DENOISE, request, on_progress)
 
 
 class VaeClient(StageClient):

@@ -51,6 +51,7 @@ import struct
 
 import numpy as np
 import pybase64
+import torch
 from PIL import Image, ImageFile, ImageOps
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -62,9 +63,11 @@ from shared.errors import InvalidValue, MalformedRequest, PayloadTooLarge, Unsup
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "MEDIA_TYPES",
     "check_size_multiple",
     "decode_image",
     "decode_mask",
+    "encode_images",
     "read_form",
 ]
 
@@ -458,3 +461,23 @@ async def read_form(
     finally:
         await form.close()
     return fields, files
+
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_images(images: torch.Tensor, fmt: str) -> list[bytes]:
+    """uint8 (B, H, W, 3) -> one file per image. PNG is lossless: its pixels are exactly the tensor's."""
+    out = []
+    array = images.numpy()
+    for i in range(array.shape[0]):
+        buf = io.BytesIO()
+        image = Image.fromarray(np.ascontiguousarray(array[i]))
+        if fmt == "png":
+            image.save(buf, format="PNG", compress_level=1)
+        elif fmt == "jpeg":
+            image.save(buf, format="JPEG", quality=95)
+        else:
+            image.save(buf, format="WEBP", quality=95)
+        out.append(buf.getvalue())
+    return out

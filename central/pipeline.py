@@ -20,7 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from starlette.concurrency import run_in_threadpool
 
 from central import controlnet
-from central.clients import TextEncoderClient, UNetClient, VaeClient
+from central.clients import Progress, TextEncoderClient, UNetClient, VaeClient
 from central.images import check_size_multiple, decode_image, decode_mask
 from shared import schedulers
 from shared.errors import InvalidValue, PayloadTooLarge, StageBadResponse, StageUnavailable
@@ -297,8 +297,12 @@ class Orchestrator:
     async def txt2img(self, req: Txt2ImgRequest) -> Generation:
         return await self.generate(req)
 
-    async def generate(self, req: AnyTaskRequest) -> Generation:
-        """Run one request of any task: the diffusers pipeline's steps, one stage hop each."""
+    async def generate(
+        self, req: AnyTaskRequest, *, on_progress: Progress | None = None, preview_every: int = 0
+    ) -> Generation:
+        """Run one request of any task: the diffusers pipeline's steps, one stage hop each. ``on_progress`` gets
+        the denoise loop's events (``{"step", "steps"}`` after every step, plus a ``preview`` uint8 tensor
+        (B, h, w, 3) every ``preview_every`` steps) as the UNet streams them."""
         start = time.perf_counter()
         # A stage last found unreachable is probed first: fail in milliseconds, not after the denoise.
         await asyncio.gather(*(c.ensure_up() for c in (self.text_encoder, self.unet, self.vae)))
@@ -402,7 +406,9 @@ class Orchestrator:
                 mask=mask,
                 loras=req.loras,
                 controlnets=control,
-            )
+                preview_every=preview_every if on_progress is not None else 0,
+            ),
+            on_progress,
         )
         hops["denoise_ms"] = (time.perf_counter() - t0) * 1000
         compute["denoise"] = den.denoise_ms

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from central.clients import HopObserver, HttpTransport, Transport
+from central.clients import HopObserver, HttpTransport, Progress, Transport
 from shared import wire
 from shared.errors import StageBadResponse, StageRefused, StageUnavailable, TriptychError, UpstreamClientError
 from shared.operations import Operation, StageName
@@ -152,7 +152,7 @@ class ReplicaTransport:
         return best
 
     # ------------------------------------------------------------------ Transport
-    async def call(self, op: Operation[Req, Resp], request: Req) -> Resp:
+    async def call(self, op: Operation[Req, Resp], request: Req, on_progress: Progress | None = None) -> Resp:
         await self._refresh()
         tried: set[str] = set()
         refusal: TriptychError | None = None
@@ -160,7 +160,7 @@ class ReplicaTransport:
             tried.add(replica.url)
             replica.in_flight += 1
             try:
-                result = await replica.transport.call(op, request)
+                result = await replica.transport.call(op, request, on_progress)
             except StageRefused as exc:  # took no work: the next replica may
                 replica.down_until = time.monotonic() + DOWN_S
                 refusal = exc

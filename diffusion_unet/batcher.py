@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from diffusion_unet.denoise import DenoiseJob, JobCancelled, step
+from diffusion_unet.previews import latent_preview
 from shared.errors import TriptychError
 from shared.protocol import DenoiseRequest, DenoiseResponse
 from shared.serving.batching import Batcher, ModelWorker, Work
@@ -31,6 +32,7 @@ class _Waiter:
     request: DenoiseRequest
     work: Work
     job: DenoiseJob | None = None
+    reported: int = 0  # the last progress step its listener was told
 
     @property
     def images(self) -> int:
@@ -95,6 +97,26 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
             self._pending = waiting
             return admitted
 
+    def _report_progress(self) -> None:
+        """After a step: each job whose caller listens gets ``{"step", "steps"}`` when its progress moved (counted
+        as the diffusers pipelines count it, ``DenoiseJob.progress``) and, every ``preview_every`` steps,
+        ``preview`` (``latent_preview`` of its latents). The listener only hands the event over."""
+        for waiter in self._active:
+            job, listener = waiter.job, waiter.work.on_progress
+            if job is None or listener is None or job.progress == waiter.reported:
+                continue
+            waiter.reported = job.progress
+            event: dict[str, object] = {"step": job.progress, "steps": job.steps}
+            every = waiter.request.preview_every
+            if every and job.progress % every == 0 and not job.done:
+                preview = latent_preview(job.latents)
+                if preview is not None:
+                    event["preview"] = preview
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not fail the batch
+                log.exception("a progress listener failed")
+
     def run_once(self) -> None:
         """Admit, drop abandoned jobs, then one step of every active job (one forward per compatible group)."""
         with torch.inference_mode():
@@ -125,6 +147,7 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
                         waiter.job = None
                     continue
                 self._counted(sum(w.images for w in group))
+            self._report_progress()
             remaining = []
             for waiter in self._active:
                 if waiter.job is None:

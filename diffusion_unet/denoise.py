@@ -86,6 +86,11 @@ class DenoiseJob:
     #: Its ControlNets (``StableDiffusionControlNetPipeline``); jobs with different ones share forwards.
     controlnets: tuple[ControlNetUse, ...] = ()
     index: int = 0
+    #: ``num_inference_steps`` as the pipelines' progress bar counts them (img2img: after ``strength``), and
+    #: how many of them are done: a scheduler of order 2 takes two iterations a step, PNDM one extra at the
+    #: start, and the progress a client sees follows diffusers', not the iterations.
+    steps: int = 0
+    progress: int = 0
 
     @property
     def done(self) -> bool:
@@ -129,6 +134,10 @@ class DenoiseJob:
                 known = self.scheduler.add_noise(known, state.noise, torch.tensor([self.timesteps[i + 1]]))
             self.latents = (1 - init_mask) * known + init_mask * self.latents
         self.index += 1
+        order = self.scheduler.order
+        warmup = len(self.timesteps) - self.steps * order
+        if i == len(self.timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):  # the pipelines' update
+            self.progress += 1
 
     def result(self) -> DenoiseResponse:
         if not finite(self.latents):
@@ -223,7 +232,15 @@ def prepare_job(
         started=start,
         inpaint=inpaint,
         loras=lora_set(req.loras),
+        steps=_progress_steps(req),
     )
+
+
+def _progress_steps(req: DenoiseRequest) -> int:
+    """The step count the pipelines' progress bar shows: ``num_inference_steps``, or for image conditioning
+    what ``get_timesteps`` leaves of it after ``strength``."""
+    n = req.num_inference_steps
+    return n if req.image is None else min(int(n * req.image.strength), n)
 
 
 def _strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -285,6 +285,8 @@ class DenoiseRequest(StageRequest):
     mask: MaskConditioning | None = None
     loras: Loras = Field(default_factory=list)
     controlnets: list[ControlNetConditioning] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
+    #: With a streamed answer (``wire.STREAM_CONTENT_TYPE``): a preview of the latents every N steps (0: none).
+    preview_every: int = Field(default=0, ge=0, le=1000)
 
     @property
     def task(self) -> Literal["txt2img", "img2img", "inpaint"]:

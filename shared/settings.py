@@ -127,6 +127,28 @@ class Settings(BaseSettings):
         "faults cost 1.4 ms per 786 KB msgpack reply on the benchmark VM; 0 keeps glibc's own threshold.",
     )
 
+    # --- jobs (SPEC §11)
+    jobs_db: Path | None = Field(
+        default=None, description="Central: the SQLite job database; unset: cache_dir/jobs/jobs.sqlite3."
+    )
+    jobs_url: str = Field(default="", description="Central: redis://host:6379/0 to share jobs between replicas.")
+    jobs_dir: Path | None = Field(default=None, description="Central: job images (SQLite store); unset: cache_dir/jobs.")
+    jobs_ttl_s: float = Field(default=24 * 3600, gt=0, description="How long a finished job and its images are kept.")
+    jobs_max_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="Job images kept at most; past it the oldest finished jobs go."
+    )
+    jobs_max_queued: int = Field(default=256, ge=1, description="Jobs queued or running at once; past it: 429.")
+    jobs_concurrency: int = Field(
+        default=4, ge=1, description="Jobs central runs at once (the UNet batches them step by step)."
+    )
+    jobs_max_attempts: int = Field(
+        default=3, ge=1, description="Times a job is started; a job interrupted that often fails as interrupted."
+    )
+    jobs_lease_s: float = Field(
+        default=30.0, gt=0, description="A running job not renewed this long is another replica's to re-queue."
+    )
+    jobs_preview_every: int = Field(default=5, ge=0, le=1000, description="A preview every N steps; 0: none.")
+
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="json: one object per line; text: short lines; auto: text at a terminal."

@@ -232,3 +232,44 @@ def decode(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise WireError(f"body is not valid msgpack ({exc.__class__.__name__}: {text or 'malformed'})") from exc
     _check_depth(message, limits.max_depth)
     return message
+
+
+# ----------------------------------------------------------------------------------------------- streams
+#: A stage's streamed answer (the UNet's progress): a sequence of frames, each a 4-byte little-endian length
+#: and one msgpack message. A client asks for it with ``Accept: STREAM_CONTENT_TYPE``.
+STREAM_CONTENT_TYPE = "application/vnd.triptych.stream+msgpack"
+_FRAME_LEN = struct.Struct("<I")
+
+
+def encode_frame(message: Any) -> bytes:
+    """One frame of a stream: length, then ``encode(message)``."""
+    body = encode(message)
+    return _FRAME_LEN.pack(len(body)) + body
+
+
+class FrameReader:
+    """Splits the chunks of a stream into decoded messages; each frame is bounded like a whole body, and its
+    length is checked before its bytes are buffered."""
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Any]:
+        self._buffer += chunk
+        messages = []
+        while len(self._buffer) >= _FRAME_LEN.size:
+            (size,) = _FRAME_LEN.unpack_from(self._buffer)
+            if size > self.limits.max_body_bytes:
+                raise WireError(f"a frame of {size} bytes; at most {self.limits.max_body_bytes}", too_large=True)
+            end = _FRAME_LEN.size + size
+            if len(self._buffer) < end:
+                break
+            messages.append(decode(bytes(self._buffer[_FRAME_LEN.size : end]), self.limits))
+            del self._buffer[:end]
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame (non-zero when a stream ends: it was cut)."""
+        return len(self._buffer)

@@ -178,6 +178,7 @@ def served_all(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     env.update(
         TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_DTYPE="float32", TRIPTYCH_LOG_LEVEL="WARNING"
     )
+    env["TRIPTYCH_CACHE_DIR"] = str(log_path.parent / "cache")  # its job store too
     proc = spawn_triptych(["serve", "all", "--host", "127.0.0.1", "--port", str(base)], env, log_path)
     url = f"http://127.0.0.1:{base}"
     try:

@@ -4,23 +4,26 @@ the lifespan that loads the model in the background, error handlers and observab
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 
 from shared import __version__, wire
-from shared.errors import install_error_handlers
+from shared.errors import TriptychError, error_envelope, install_error_handlers
 from shared.operations import Operation
 from shared.serving.http import BodyTimeout, MsgpackResponse, install_connection_cap, read_message, unless_disconnected
 from shared.serving.middleware import install_observability
 from shared.serving.runtime import StageRuntime
 from shared.serving.security import install_access, split_list
 from shared.settings import Settings
+
+log = logging.getLogger("triptych.stage")
 
 
 async def get_runtime(request: Request) -> StageRuntime:
@@ -39,6 +42,8 @@ def message_route(router: APIRouter, op: Operation[Any, Any]) -> None:
 
     async def endpoint(request: Request, runtime: RuntimeDep) -> Response:
         message = await read_message(request, op.request, request.app.state.limits)
+        if wire.STREAM_CONTENT_TYPE in request.headers.get("accept", ""):
+            return streamed(request, runtime, op, message)
         metrics = request.app.state.metrics
         depth = metrics.queue_depth.labels(metrics.service)
         admitted = time.perf_counter()
@@ -66,6 +71,58 @@ def message_route(router: APIRouter, op: Operation[Any, Any]) -> None:
             },
         },
     )
+
+
+def streamed(request: Request, runtime: StageRuntime, op: Operation[Any, Any], message: Any) -> Response:
+    """The answer as a stream of frames (``wire.STREAM_CONTENT_TYPE``): ``{"event": "progress", ...}`` as the
+    work goes (the UNet: every step, with a ``preview`` tensor every ``preview_every`` steps), then one
+    ``{"event": "result", "message": ...}`` or ``{"event": "error", "status", "error": {envelope}}``.
+
+    A request the stage refuses (422, 429, 503) is refused before the stream starts, with its usual status.
+    A caller that hangs up mid-stream abandons the work: the UNet drops the job before its next step (that is
+    how central cancels a job)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def on_progress(event: dict[str, Any]) -> None:  # on the model thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    metrics = request.app.state.metrics
+    admitted = time.perf_counter()
+    work = runtime.submit(op, message, on_progress)
+    done = asyncio.wrap_future(work)
+    depth = metrics.queue_depth.labels(metrics.service)
+    depth.inc()
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            while not done.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                yield wire.encode_frame({"event": "progress", **getter.result()})
+            while not events.empty():  # scheduled before the result: still in order
+                yield wire.encode_frame({"event": "progress", **events.get_nowait()})
+            try:
+                result = work.result()
+            except TriptychError as exc:
+                yield wire.encode_frame({"event": "error", "status": exc.status, **exc.envelope()})
+            except Exception:
+                log.exception("%s failed", op.name)
+                envelope = error_envelope("internal_error", f"{op.name} failed; see the stage's log")
+                yield wire.encode_frame({"event": "error", "status": 500, **envelope})
+            else:
+                metrics.observe_stage_call(op.name, message, admitted, work)
+                yield wire.encode_frame({"event": "result", "message": result.to_wire()})
+        finally:
+            depth.dec()
+            if not work.done():
+                work.abandon()
+                log.info("%s: caller disconnected; streamed request abandoned", op.path)
+
+    return StreamingResponse(frames(), media_type=wire.STREAM_CONTENT_TYPE)
 
 
 def build_stage_app(

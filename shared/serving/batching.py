@@ -29,6 +29,8 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
 log = logging.getLogger("triptych.batching")
+#: Receives the progress events of long work (the UNet: ``{"step", "steps", "preview"}``) on the model thread.
+ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 class Work(Future[Any]):
@@ -38,6 +40,9 @@ class Work(Future[Any]):
 
     started: float | None = None
     finished: float | None = None
+    #: Called on the model thread with each progress event of long work (the UNet: one per step); set by
+    #: whoever submitted it, before the work is queued. It must only hand the event over (it runs between steps).
+    on_progress: ProgressCallback | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -127,13 +132,14 @@ class Batcher(ABC, Generic[Req, Resp]):
         self.largest_batch = 0
         worker.attach(self)
 
-    def submit(self, request: Req) -> Work:
+    def submit(self, request: Req, on_progress: ProgressCallback | None = None) -> Work:
         """Queue one request and return its ``Work`` at once. The operation's ``check`` runs first, on the
         caller's thread, so a request the model cannot take (wrong shape, unknown variant) fails with its
         422 before it waits in any queue."""
         if self._check is not None:
             self._check(request)
         work = Work()
+        work.on_progress = on_progress
         with self.worker.cond:
             self._enqueue(request, work)
             self.worker.wake()

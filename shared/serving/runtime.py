@@ -19,7 +19,7 @@ from shared import __version__
 from shared.errors import InvalidValue, Overloaded, StageUnavailable
 from shared.operations import OPERATIONS, Operation, StageName
 from shared.protocol import ModelRef, StageInfo, StageRequest, WireModel
-from shared.serving.batching import Batcher, ModelWorker, Work
+from shared.serving.batching import Batcher, ModelWorker, ProgressCallback, Work
 from shared.serving.models import is_random_weights, public_model_id, resolve_device, resolve_dtype, resolve_model
 from shared.settings import Settings
 
@@ -151,11 +151,12 @@ class StageRuntime(ABC):
     def in_flight(self) -> int:
         return self._in_flight
 
-    def submit(self, op: Operation[Req, Resp], message: Req) -> Work:
+    def submit(self, op: Operation[Req, Resp], message: Req, on_progress: ProgressCallback | None = None) -> Work:
         """Hand ``message`` to ``op``'s batcher without blocking; the ``Work`` completes with an ``op.response``.
 
         Bounded: with ``settings.max_queue`` requests already admitted, raises Overloaded (429 with
-        Retry-After) instead of queueing without limit.
+        Retry-After) instead of queueing without limit. ``on_progress`` gets the operation's progress events on
+        the model thread (the UNet: ``{"step", "steps", "preview"}`` after every step).
         """
         self.check_ready()
         with self._in_flight_lock:
@@ -167,7 +168,7 @@ class StageRuntime(ABC):
                 )
             self._in_flight += 1
         try:
-            work = self._batchers[op.name].submit(message)
+            work = self._batchers[op.name].submit(message, on_progress)
         except BaseException:
             self._released()
             raise
@@ -178,12 +179,14 @@ class StageRuntime(ABC):
         with self._in_flight_lock:
             self._in_flight -= 1
 
-    async def execute(self, op: Operation[Req, Resp], message: Req) -> Work:
+    async def execute(
+        self, op: Operation[Req, Resp], message: Req, on_progress: ProgressCallback | None = None
+    ) -> Work:
         """Run ``op`` on ``message`` and return the finished ``Work`` (result and timings): what the HTTP
         route and ``LocalTransport`` both call. The event loop awaits the model thread directly. If the caller
         is cancelled (its client went away), the work is abandoned: dropped if still queued, and the denoise
         loop stops before its next step."""
-        work = self.submit(op, message)
+        work = self.submit(op, message, on_progress)
         try:
             await asyncio.wrap_future(work)
         except asyncio.CancelledError:
@@ -191,9 +194,9 @@ class StageRuntime(ABC):
             raise
         return work
 
-    async def call(self, op: Operation[Req, Resp], message: Req) -> Resp:
+    async def call(self, op: Operation[Req, Resp], message: Req, on_progress: ProgressCallback | None = None) -> Resp:
         """``execute(op, message)``'s result."""
-        result: Resp = (await self.execute(op, message)).result()
+        result: Resp = (await self.execute(op, message, on_progress)).result()
         return result
 
     def run(self, op: Operation[Req, Resp], message: Req) -> Resp:

@@ -7,7 +7,8 @@ Starlette's CORS middleware in front of that, for their preflights and response 
   central sends), every request but the open paths needs ``Authorization: Bearer <key>`` -> 401 envelope with
   ``WWW-Authenticate: Bearer``. Keys are compared with ``hmac.compare_digest`` against every key, so the
   time taken does not tell which key, or how much of one, matched. Open: ``/healthz``, ``/readyz``,
-  ``/metrics`` (probes and scrapers carry no key) and the API docs pages (the schema, not data or compute).
+  ``/metrics`` (probes and scrapers carry no key), the API docs pages (the schema, not data or compute) and
+  central's web page with its files (``GET``/``HEAD`` of ``/`` and ``/static/...``: it asks for the key).
 * **Origins.** A browser sends ``Origin`` with every cross-site POST, including a plain HTML form, which needs
   no preflight: so any web page a user visits could make their local server generate. A state-changing
   request whose ``Origin`` is neither the server's own (same origin) nor in ``TRIPTYCH_CORS_ORIGINS`` -> 403.
@@ -32,6 +33,8 @@ from shared.serving.middleware import PROBE_PATHS, scope_headers
 #: The docs pages and their files: served without a key (``fastapi-offline`` mounts its files under the last).
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 DOCS_PREFIX = "/static-offline-docs/"
+#: central's web page and its files (``central/web.py``): GET/HEAD without a key; the page sends the key itself.
+PAGE_PATH, PAGE_PREFIX = "/", "/static/"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -95,7 +98,11 @@ class AccessGuard:
                     (f"cross-origin request from {origin[:100]!r} refused; allow it with TRIPTYCH_CORS_ORIGINS"),
                     {},
                 )
-        if self.keys and path not in PROBE_PATHS and path not in DOCS_PATHS and not path.startswith(DOCS_PREFIX):
+        page = (
+            self.who == "central" and method in ("GET", "HEAD") and (path == PAGE_PATH or path.startswith(PAGE_PREFIX))
+        )
+        open_path = path in PROBE_PATHS or path in DOCS_PATHS or path.startswith(DOCS_PREFIX) or page
+        if self.keys and not open_path:
             if method == "OPTIONS" and origin is not None:
                 return None  # a CORS preflight carries no credentials; the request that follows does
             scheme, _, given = headers.get("authorization", "").partition(" ")

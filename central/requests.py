@@ -1,0 +1,110 @@
+"""Reading a task request (txt2img, img2img, inpaint, outpaint) from an HTTP body: JSON, or multipart with
+the images as files. Shared by the sync task routes and ``POST /v1/jobs``."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from central.controlnet import attach_form_images
+from central.images import read_form
+from shared.errors import InvalidValue, MalformedRequest, UnsupportedMediaType, validation_error
+from shared.protocol import MAX_CONTROLNETS, Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest
+from shared.serving.http import read_body
+from shared.settings import Settings
+
+T = TypeVar("T", bound=BaseModel)
+
+
+#: The task models by name (``POST /v1/jobs`` names its task).
+TASKS: dict[str, type[Txt2ImgRequest]] = {
+    "txt2img": Txt2ImgRequest,
+    "img2img": Img2ImgRequest,
+    "inpaint": InpaintRequest,
+    "outpaint": OutpaintRequest,
+}
+
+
+async def read_form_data(request: Request, settings: Settings) -> dict[str, Any]:
+    """A multipart task body as a dict: form fields, image files as bytes, JSON list fields parsed, each
+    ``controlnet_image_<i>`` file moved into its ControlNet entry."""
+    images = 2 + MAX_CONTROLNETS  # image, mask_image, controlnet_image_<i>
+    fields, files = await read_form(
+        request, max_bytes=images * settings.max_image_bytes + settings.max_json_body_bytes, max_files=images
+    )
+    data: dict[str, Any] = {**fields, **files}
+    for name in ("loras", "controlnets"):
+        if isinstance(data.get(name), str):  # a list in a form field: JSON text
+            try:
+                data[name] = orjson.loads(data[name])
+            except orjson.JSONDecodeError:
+                raise InvalidValue(f"`{name}` must be a JSON list in a form field", param=name) from None
+    attach_form_images(data)
+    return data
+
+
+def validated(model: type[T], data: dict[str, Any]) -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False)) from None
+
+
+def _media(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _json_body(request: Request, settings: Settings) -> bytes:
+    body = await read_body(request, settings.max_json_body_bytes)
+    if not body:
+        raise MalformedRequest("request body is empty; send a JSON object with at least `prompt`")
+    return body
+
+
+async def read_task_request(request: Request, settings: Settings, model: type[T]) -> T:
+    """A task request from a JSON body, or (image tasks) from multipart/form-data with images as files."""
+    content_type = _media(request)
+    files = takes_files(model)
+    if files and content_type == "multipart/form-data":
+        return validated(model, await read_form_data(request, settings))
+    if content_type != "application/json":
+        allowed = "application/json or multipart/form-data" if files else "application/json"
+        raise UnsupportedMediaType(f"Content-Type must be {allowed}, got {content_type or 'none'}")
+    body = await _json_body(request, settings)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and (errors[0].get("type") in ("json_invalid", "json_type") or not errors[0].get("loc")):
+            raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
+        raise validation_error(errors) from None
+
+
+async def read_job_request(request: Request, settings: Settings) -> tuple[str, Txt2ImgRequest]:
+    """``POST /v1/jobs``: ``{"task": ..., that task's fields}`` as JSON, or multipart with a ``task`` field."""
+    content_type = _media(request)
+    if content_type == "multipart/form-data":
+        data = await read_form_data(request, settings)
+    elif content_type == "application/json":
+        try:
+            data = orjson.loads(await _json_body(request, settings))
+        except orjson.JSONDecodeError as exc:
+            raise MalformedRequest(f"request body is not a JSON object: {exc}") from None
+        if not isinstance(data, dict):
+            raise MalformedRequest("request body is not a JSON object")
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json or multipart/form-data, got {content_type or 'none'}"
+        )
+    task = data.pop("task", "txt2img")
+    if task not in TASKS:
+        raise InvalidValue(f"`task` must be one of {', '.join(TASKS)}, got {str(task)[:40]!r}", param="task")
+    return task, validated(TASKS[task], data)
+
+
+def takes_files(model: type[BaseModel]) -> bool:
+    """Image tasks, and any task with ControlNets (their control images), also take multipart/form-data."""
+    return "image" in model.model_fields or "controlnets" in model.model_fields
