@@ -52,8 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for central")
+    gen.add_argument(
+        "--api-key", default=os.environ.get("TRIPTYCH_API_KEY"), help="central's API key (env TRIPTYCH_API_KEY)"
+    )
     add_settings_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    jobs = sub.add_parser("jobs", help="central's jobs: list, show, cancel")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    for name, text in (("list", "recent jobs, newest first"), ("show", "one job"), ("cancel", "cancel a job")):
+        j = jsub.add_parser(name, help=text)
+        if name != "list":
+            j.add_argument("id")
+        else:
+            j.add_argument("--limit", type=int, default=20)
+        j.add_argument("--url", default="http://127.0.0.1:8000", help="central's URL")
+        j.add_argument("--api-key", default=os.environ.get("TRIPTYCH_API_KEY"), help="env TRIPTYCH_API_KEY")
+        j.set_defaults(func=cmd_jobs)
 
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -248,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if local:
             data, seed = asyncio.run(_generate_mixed(settings, request, local))
         else:
-            data, seed = _generate_remote(args.url, request, args.timeout)
+            data, seed = _generate_remote(args.url, request, args.timeout, args.api_key)
     except TriptychError as exc:
         print(f"error ({exc.type}): {exc.message}", file=sys.stderr)
         return 1
@@ -257,28 +272,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_remote(url: str, request: Any, timeout_s: float) -> tuple[bytes, int]:
-    import httpx
+def _generate_remote(url: str, request: Any, timeout_s: float, api_key: str | None) -> tuple[bytes, int]:
+    """Submit a job to central, show its progress (the UNet's steps, on stderr) and fetch its image."""
+    from central.jobs_client import JobsClient
+    from shared.errors import TriptychError
 
-    from shared.errors import StageUnavailable, TriptychError
+    with JobsClient(url, api_key=api_key, timeout_s=timeout_s) as client:
+        job = client.submit("txt2img", request.model_dump(exclude_none=True))
+        done = client.follow(job["id"])
+        if done["status"] != "succeeded":
+            error = done.get("error") or {}
+            raise TriptychError(f"job {done['id']} {done['status']}: {error.get('message', 'no reason given')}")
+        return client.image(done["id"]), int(done["output"]["seeds"][0])
 
-    media = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}[request.output_format]
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """``triptych jobs list|show|cancel``: one line per job, or the job as JSON."""
+    import json
+
+    from central.jobs_client import JobsClient
+    from shared.errors import TriptychError
+
     try:
-        r = httpx.post(
-            f"{url.rstrip('/')}/v1/txt2img",
-            json=request.model_dump(exclude_none=True),
-            headers={"Accept": media},
-            timeout=timeout_s,
-        )
-    except httpx.HTTPError as exc:
-        raise StageUnavailable(f"cannot reach central at {url}: {exc}") from None
-    if r.status_code != 200:
-        try:
-            err = r.json()["error"]
-            raise TriptychError(f"{r.status_code} {err['type']}: {err['message']}")
-        except (ValueError, KeyError, TypeError):
-            raise TriptychError(f"central answered HTTP {r.status_code}") from None
-    return r.content, int(r.headers.get("x-seed", "0"))
+        with JobsClient(args.url, api_key=args.api_key) as client:
+            if args.jobs_command == "list":
+                for job in client.list(args.limit):
+                    progress = job["progress"]
+                    prompt = str(job["request"].get("prompt", ""))[:50]
+                    print(f"{job['id']}  {job['status']:<9}  {progress['step']:>4}/{progress['steps']:<4}  "
+                          f"{job['created_at']}  {job['task']}  {prompt!r}")  # fmt: skip
+            elif args.jobs_command == "show":
+                job = client.get(args.id)
+                if job.get("output"):
+                    job["output"].pop("images", None)  # the files are at image_urls
+                print(json.dumps(job, indent=2))
+            else:
+                job = client.cancel(args.id)
+                print(f"{job['id']}  {job['status']}")
+    except TriptychError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _generate_mixed(settings: Settings, request: Any, local: set[str]) -> tuple[bytes, int]:

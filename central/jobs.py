@@ -244,7 +244,9 @@ class JobRunner:
 
     async def _generate(self, job: Job, events: EventQueue) -> tuple[list[bytes], dict[str, Any]]:
         """The job's task, as the sync endpoint runs it; returns the image files and the output without them."""
-        req = TASKS[job.task].model_validate(job.request)
+        data = dict(job.request)
+        preview_every = int(data.pop("preview_every", self.settings.jobs_preview_every))
+        req = TASKS[job.task].model_validate(data)
         started = time.perf_counter()
         first: list[tuple[int, float]] = []  # the first step reported, and when
 
@@ -259,9 +261,7 @@ class JobRunner:
             if isinstance(preview, torch.Tensor) and preview.ndim == 4:
                 events.put_nowait(("preview", {"step": step, "image": preview_jpeg(preview)}))
 
-        gen = await self.orchestrator.generate(
-            req, on_progress=on_progress, preview_every=self.settings.jobs_preview_every
-        )
+        gen = await self.orchestrator.generate(req, on_progress=on_progress, preview_every=preview_every)
         t0 = time.perf_counter()
         files = await run_in_threadpool(encode_images, gen.images, req.output_format)
         timings = {**gen.timings_ms, "image_encode_ms": (time.perf_counter() - t0) * 1000}
@@ -290,18 +290,18 @@ def job_urls(job_id: str) -> dict[str, str]:
     return {"get": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
 
 
-async def job_body(store: JobStore, job: Job) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}``: the job, with the sync response as ``output`` once it succeeded."""
+async def job_body(store: JobStore, job: Job, *, images: bool = True) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}``: the job, with the sync response as ``output`` once it succeeded (its ``images``
+    only when ``images``: a listing links them by ``image_urls`` instead of carrying every job's pixels)."""
     output: dict[str, Any] | None = None
     image_urls: list[str] = []
     if job.status == "succeeded" and job.output is not None:
         count = int(job.output.get("num_images", 0))
         image_urls = [f"/v1/jobs/{job.id}/images/{i}" for i in range(count)]
-        images = [await store.image(job.id, i) for i in range(count)]
-        output = {
-            "images": [pybase64.b64encode(i).decode("ascii") for i in images if i is not None],
-            **{k: job.output[k] for k in ("seeds", "parameters", "timings") if k in job.output},
-        }
+        output = {k: job.output[k] for k in ("seeds", "parameters", "timings") if k in job.output}
+        if images:
+            files = [await store.image(job.id, i) for i in range(count)]
+            output["images"] = [pybase64.b64encode(f).decode("ascii") for f in files if f is not None]
     queued_until = job.started_at or job.finished_at or time.time()
     return {
         "id": job.id,
@@ -353,7 +353,7 @@ def install_jobs(app: FastAPI, settings: Settings) -> None:
         if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
             raise InvalidValue(f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} characters", param="Idempotency-Key")
         owner = owner_of(request, keyed)
-        task, req = await read_job_request(request, settings)
+        task, req, preview_every = await read_job_request(request, settings)
         unfinished = await jobs.store.count_unfinished()
         if unfinished >= settings.jobs_max_queued:
             raise Overloaded(
@@ -361,7 +361,10 @@ def install_jobs(app: FastAPI, settings: Settings) -> None:
                 "retry later",
                 retry_after_s=5,
             )
-        job, created = await jobs.store.create(task, stored_request(req), idempotency_key=key, owner=owner)
+        stored = stored_request(req)
+        if preview_every is not None:
+            stored["preview_every"] = preview_every
+        job, created = await jobs.store.create(task, stored, idempotency_key=key, owner=owner)
         if created:
             jobs.wake()
         body = {"id": job.id, "status": job.status, "urls": job_urls(job.id)}
@@ -373,7 +376,7 @@ def install_jobs(app: FastAPI, settings: Settings) -> None:
         if not 1 <= limit <= 500:
             raise InvalidValue("`limit` must be 1-500", param="limit")
         found_jobs = await jobs.store.list(limit=limit, owner=owner_of(request, True) if keyed else None)
-        return json_response({"jobs": [await job_body(jobs.store, j) for j in found_jobs]})
+        return json_response({"jobs": [await job_body(jobs.store, j, images=False) for j in found_jobs]})
 
     @app.get("/v1/jobs/{job_id}", summary="A job: status, progress, timings, and its output once succeeded")
     async def get_job(request: Request, job_id: str) -> Response:

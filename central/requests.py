@@ -83,8 +83,9 @@ async def read_task_request(request: Request, settings: Settings, model: type[T]
         raise validation_error(errors) from None
 
 
-async def read_job_request(request: Request, settings: Settings) -> tuple[str, Txt2ImgRequest]:
-    """``POST /v1/jobs``: ``{"task": ..., that task's fields}`` as JSON, or multipart with a ``task`` field."""
+async def read_job_request(request: Request, settings: Settings) -> tuple[str, Txt2ImgRequest, int | None]:
+    """``POST /v1/jobs``: ``{"task": ..., that task's fields, "preview_every"?}`` as JSON, or multipart with a
+    ``task`` field. Returns the task, its request and the job's own preview interval (None: the default)."""
     content_type = _media(request)
     if content_type == "multipart/form-data":
         data = await read_form_data(request, settings)
@@ -102,7 +103,15 @@ async def read_job_request(request: Request, settings: Settings) -> tuple[str, T
     task = data.pop("task", "txt2img")
     if task not in TASKS:
         raise InvalidValue(f"`task` must be one of {', '.join(TASKS)}, got {str(task)[:40]!r}", param="task")
-    return task, validated(TASKS[task], data)
+    every = data.pop("preview_every", None)
+    if every is not None:
+        try:
+            every = int(every)
+        except (TypeError, ValueError):
+            every = -1
+        if not 0 <= every <= 1000:
+            raise InvalidValue("`preview_every` must be 0 (no previews) to 1000 steps", param="preview_every")
+    return task, validated(TASKS[task], data), every
 
 
 def takes_files(model: type[BaseModel]) -> bool:

@@ -50,10 +50,12 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
         max_images: int,
         check: Callable[[DenoiseRequest], None] | None = None,
         ready: Callable[[DenoiseRequest], bool] | None = None,
+        preview: Callable[[torch.Tensor], torch.Tensor | None] = latent_preview,
     ) -> None:
         super().__init__("unet-denoise", worker, check=check)
         self._prepare = prepare
         self._ready = ready or (lambda _: True)
+        self._preview = preview
         self.max_images = max_images
         self._pending: deque[_Waiter] = deque()
         self._active: list[_Waiter] = []
@@ -100,7 +102,7 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
     def _report_progress(self) -> None:
         """After a step: each job whose caller listens gets ``{"step", "steps"}`` when its progress moved (counted
         as the diffusers pipelines count it, ``DenoiseJob.progress``) and, every ``preview_every`` steps,
-        ``preview`` (``latent_preview`` of its latents). The listener only hands the event over."""
+        ``preview`` of its latents (``UNetRuntime.preview``). The listener only hands the event over."""
         for waiter in self._active:
             job, listener = waiter.job, waiter.work.on_progress
             if job is None or listener is None or job.progress == waiter.reported:
@@ -109,7 +111,7 @@ class ContinuousBatcher(Batcher[DenoiseRequest, DenoiseResponse]):
             event: dict[str, object] = {"step": job.progress, "steps": job.steps}
             every = waiter.request.preview_every
             if every and job.progress % every == 0 and not job.done:
-                preview = latent_preview(job.latents)
+                preview = self._preview(job.latents)
                 if preview is not None:
                     event["preview"] = preview
             try:

@@ -28,3 +28,12 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor | None:
         return None
     rgb = latents.detach().float().cpu().permute(0, 2, 3, 1) @ SD15_LATENT_RGB_FACTORS
     return ((rgb + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8).contiguous()
+
+
+def tiny_vae_preview(decoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) from a tiny VAE (diffusers ``AutoencoderTiny``, TAESD): closer to the final image than
+    the linear approximation, at the cost of a small decoder forward. TAESD decodes the UNet's latents as they
+    are (its scaling factor is 1) into [-1, 1]."""
+    param = next(decoder.parameters())
+    images = decoder.decode(latents.to(param.device, param.dtype)).sample  # type: ignore[operator]
+    return ((images.float().cpu().permute(0, 2, 3, 1) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8).contiguous()

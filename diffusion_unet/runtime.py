@@ -18,6 +18,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusion_unet.batcher import ContinuousBatcher
 from diffusion_unet.controlnets import ControlNetStore, ControlNetUse, control_image, parse_controlnets
 from diffusion_unet.denoise import DenoiseJob, UNetVariant, prepare_job, step
+from diffusion_unet.previews import latent_preview, tiny_vae_preview
 from shared import schedulers
 from shared.errors import InvalidValue
 from shared.operations import DENOISE, Operation
@@ -25,7 +26,7 @@ from shared.protocol import DenoiseRequest, DenoiseResponse
 from shared.serving.adapters import AdapterRoot
 from shared.serving.batching import Batcher
 from shared.serving.loras import LoraStore, lora_set
-from shared.serving.models import fingerprint, load_component, vae_scale_factor
+from shared.serving.models import fingerprint, load_component, public_model_id, vae_scale_factor
 from shared.serving.runtime import StageRuntime
 from shared.settings import parse_named_paths
 
@@ -79,6 +80,19 @@ class UNetRuntime(StageRuntime):
             self.variants[name] = self._load_variant(name, path, unet, config)
             log.info("UNet variant %r loaded from %s (in_channels=%d)", name, path, unet.config.in_channels)
         self.fingerprint = self.variants[BASE].fingerprint
+        self.preview_decoder: Any = None
+        if self.settings.preview_decoder:
+            from diffusers import AutoencoderTiny
+
+            self.preview_decoder = self.place(AutoencoderTiny.from_pretrained(self.settings.preview_decoder)).eval()
+            log.info("job previews from the tiny VAE at %s", public_model_id(self.settings.preview_decoder))
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """A job's preview of ``latents``: the tiny VAE's decode when one is configured, else the linear
+        latent -> RGB approximation (``diffusion_unet.previews``)."""
+        if self.preview_decoder is not None:
+            return tiny_vae_preview(self.preview_decoder, latents)
+        return latent_preview(latents)
 
     def _load_variant(self, name: str, source: str, unet: Any, scheduler_config: dict[str, Any]) -> UNetVariant:
         default = str(scheduler_config["_class_name"])
@@ -107,7 +121,12 @@ class UNetRuntime(StageRuntime):
 
     def _make_batchers(self) -> dict[Operation[Any, Any], Batcher[Any, Any]]:
         self.batcher = ContinuousBatcher(
-            self.worker, self.prepare, max_images=self.max_batch, check=self.check, ready=self._loras_ready
+            self.worker,
+            self.prepare,
+            max_images=self.max_batch,
+            check=self.check,
+            ready=self._loras_ready,
+            preview=self.preview,
         )
         return {DENOISE: self.batcher}
 

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         default=2, ge=1, description="UNet: ControlNets kept loaded (least recently used out)."
     )
 
+    preview_decoder: str | None = Field(
+        default=None,
+        description="UNet: a diffusers AutoencoderTiny (TAESD) directory for job previews; unset: the linear "
+        "latent -> RGB approximation.",
+    )
+
     # --- central: where the stages are, and how long each hop may take
     text_encoder_url: str = "http://127.0.0.1:8001"
     diffusion_unet_url: str = "http://127.0.0.1:8002"
@@ -132,7 +138,9 @@ class Settings(BaseSettings):
         default=None, description="Central: the SQLite job database; unset: cache_dir/jobs/jobs.sqlite3."
     )
     jobs_url: str = Field(default="", description="Central: redis://host:6379/0 to share jobs between replicas.")
-    jobs_dir: Path | None = Field(default=None, description="Central: job images (SQLite store); unset: cache_dir/jobs.")
+    jobs_dir: Path | None = Field(
+        default=None, description="Central: job images (SQLite store); unset: cache_dir/jobs."
+    )
     jobs_ttl_s: float = Field(default=24 * 3600, gt=0, description="How long a finished job and its images are kept.")
     jobs_max_bytes: int = Field(
         default=2 * 1024**3, gt=0, description="Job images kept at most; past it the oldest finished jobs go."

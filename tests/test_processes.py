@@ -153,6 +153,11 @@ def test_generate_cli_remote_writes_the_png(served_all, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Image.open(out).format == "PNG"
+    # It ran as a job and showed the UNet's steps as they happened: a progress bar on stderr.
+    assert "2/2" in proc.stderr and "step" in proc.stderr
+    sync = httpx.post(f"{served_all}/v1/txt2img", json={"prompt": "a fox", "seed": 42, "num_inference_steps": 2},
+                      headers={"Accept": "image/png"}, timeout=60)  # fmt: skip
+    assert out.read_bytes() == sync.content
 
 
 def test_readyz_names_the_incompatible_dimension(served_all, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
