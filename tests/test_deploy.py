@@ -481,12 +481,17 @@ def test_kubernetes_agrees_with_the_code(overlay: str) -> None:
             lora_dirs.add(adapters_under_models(settings)[0])
     assert lora_dirs == {Path("/models/loras")}  # the text encoder and the UNet see the same LoRA files
     assert seen == set(SERVICES)
-    # central reaches each stage through its Service's DNS name and port.
+    # central reaches every ready pod of each stage through a headless Service (dns+http://, central/replicas.py)
+    # that selects the stage's pods, on the stage's port.
     (central_env,) = [env_of(overlay, c) for s, _, c in deployments(overlay) if s == "central"]
     central = check_triptych_env(central_env, "central")
     for stage in STAGES:
-        url = urlsplit(getattr(central, f"{stage}_url"))
-        assert url.hostname == stage.replace("_", "-") and url.port == DEFAULT_PORTS[stage], url
+        spec = getattr(central, f"{stage}_url")
+        assert spec.startswith("dns+http://"), spec
+        url = urlsplit(spec.removeprefix("dns+"))
+        headless, plain = services[str(url.hostname)], services[stage.replace("_", "-")]
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == plain["spec"]["selector"]
+        assert url.port == DEFAULT_PORTS[stage] == headless["spec"]["ports"][0]["port"], url
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
