@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m bench.throughput
 	$(PY) -m bench.lora_mix --preset tiny --size 64 --steps 20
 	$(PY) -m bench.lora_mix
+	$(PY) -m bench.previews --steps 20 --requests 8 --reps 5
 	$(PY) -m bench.soak
 
 clean:
