@@ -93,6 +93,9 @@ ENTRYPOINT ["triptych"]
 # start-period covers model loading; urlopen raises on any non-2xx, which fails the check.
 
 FROM runtime-cpu AS central
+# The job store (SQLite and the jobs' images), owned by the service user so a fresh named volume mounted here
+# inherits that ownership (compose.yaml: `jobs`).
+RUN mkdir -p /home/triptych/.cache/triptych/jobs
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
