@@ -82,3 +82,14 @@ def load_pipeline(model: str, dtype: Any, device: Any = None) -> Any:
             pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_record(name: str, record: dict[str, Any]) -> Path:
+    """Save a benchmark's results as ``bench/results/<name>-<UTC time>.json``; returns the path."""
+    import datetime as dt
+    import json
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(record, indent=2))
+    return out

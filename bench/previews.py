@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, log, setup_torch, stats
+from bench.common import log, setup_torch, stats, write_record
 from bench.machine import Counters, machine_info, steal_pct, wait_for_quiet
 
 SCENARIOS = ("silent", "progress", "previews")
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "runs": results,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"previews-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.write_text(json.dumps(record, indent=2))
+    out = write_record("previews", record)
     print(markdown(record))
     log(f"wrote {out}")
     return 0
