@@ -2,7 +2,7 @@
 
 One ``triptych serve all`` tree (central and the three stages in their own processes, as deployed) on the tiny
 random-weight model, with a small ``TRIPTYCH_MAX_QUEUE`` (``--capacity``, 4): central admits that many
-generations at once and answers the rest 429 with ``Retry-After`` (``central.app``: ``generations_in_flight``).
+generations at once and answers the rest 429 with ``Retry-After`` (``central.requests.GenerationSlots``).
 
 1. waits for ``/readyz``, reads each of the four processes' RSS, open file descriptors and threads (/proc);
 2. ``--multiple`` × capacity async clients (8) each send ``POST /v1/txt2img`` (``--steps`` steps, every request

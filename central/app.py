@@ -17,6 +17,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from central.a1111 import install_a1111
 from central.clients import (
     HopObserver,
     HttpTransport,
@@ -29,14 +30,14 @@ from central.clients import (
 )
 from central.images import MEDIA_TYPES, encode_images
 from central.jobs import install_jobs, start_jobs, stop_jobs
+from central.openai_images import install_openai
 from central.pipeline import Generation, Orchestrator
 from central.replicas import ReplicaTransport, stage_transport
-from central.requests import read_task_request, takes_files
+from central.requests import generation_slots, read_task_request, takes_files
 from central.web import install_web
 from shared import __version__, wire
 from shared.errors import (
     InvalidValue,
-    Overloaded,
     StageUnavailable,
     TriptychError,
     install_error_handlers,
@@ -225,6 +226,7 @@ def build_app(
 
     install_jobs(app, settings)
     install_web(app)
+    install_a1111(app, settings)
 
     @app.get("/healthz", summary="Process is alive")
     async def healthz() -> dict[str, str]:
@@ -261,23 +263,12 @@ def build_app(
     async def list_schedulers(orch: OrchestratorDep, model: str | None = None) -> list[dict[str, Any]]:
         return await orch.schedulers(model)
 
-    # Central's own bound (issue 11): past TRIPTYCH_MAX_QUEUE generations in flight, a request gets 429 at once
-    # instead of waiting, unbounded, for a connection to a stage. Counted on the event loop: no lock.
-    in_flight = app.state.generations_in_flight = [0]
+    slots = generation_slots(app, settings)  # shared with the A1111 and OpenAI routes
 
     def _task_endpoint(model: type[Txt2ImgRequest]) -> Any:
         async def endpoint(request: Request, orch: OrchestratorDep) -> Response:
-            if in_flight[0] >= settings.max_queue:
-                raise Overloaded(
-                    f"central is at capacity: {in_flight[0]} generations in flight (max_queue={settings.max_queue}); "
-                    "retry later",
-                    retry_after_s=1,
-                )
-            in_flight[0] += 1
-            try:
+            with slots.admitted():
                 return await generate(request, orch, model)
-            finally:
-                in_flight[0] -= 1
 
         endpoint.__name__ = model.__name__.removesuffix("Request").lower()
         return endpoint
@@ -317,6 +308,9 @@ def build_app(
             openapi_extra=_request_body_doc(model),
             responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}},
         )
+
+    # OpenAI's images API (SPEC §12): shares the task routes' in-flight bound.
+    install_openai(app, settings)
 
     async def render(gen: Generation, fmt: str, as_file: bool, start: float) -> Response:
         t0 = time.perf_counter()

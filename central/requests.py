@@ -3,15 +3,17 @@ the images as files. Shared by the sync task routes and ``POST /v1/jobs``."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 
 from central.controlnet import attach_form_images
 from central.images import read_form
-from shared.errors import InvalidValue, MalformedRequest, UnsupportedMediaType, validation_error
+from shared.errors import InvalidValue, MalformedRequest, Overloaded, UnsupportedMediaType, validation_error
 from shared.protocol import MAX_CONTROLNETS, Img2ImgRequest, InpaintRequest, OutpaintRequest, Txt2ImgRequest
 from shared.serving.http import read_body
 from shared.settings import Settings
@@ -117,3 +119,41 @@ async def read_job_request(request: Request, settings: Settings) -> tuple[str, T
 def takes_files(model: type[BaseModel]) -> bool:
     """Image tasks, and any task with ControlNets (their control images), also take multipart/form-data."""
     return "image" in model.model_fields or "controlnets" in model.model_fields
+
+
+class GenerationSlots:
+    """Central's own bound (issue 11): at most ``limit`` generations in flight over every generating route
+    (native, jobs excepted, A1111, OpenAI); past it a request gets 429 at once instead of waiting, unbounded,
+    for a connection to a stage. Counted on the event loop: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self) -> None:
+        """Take a slot, or raise 429 (``Overloaded``); every ``acquire`` needs one ``release``."""
+        if self.in_flight >= self.limit:
+            raise Overloaded(
+                f"central is at capacity: {self.in_flight} generations in flight (max_queue={self.limit}); retry later",
+                retry_after_s=1,
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def generation_slots(app: FastAPI, settings: Settings) -> GenerationSlots:
+    """The app's ``GenerationSlots`` (made on first use, sized by ``TRIPTYCH_MAX_QUEUE``)."""
+    slots: GenerationSlots | None = getattr(app.state, "generation_slots", None)
+    if slots is None:
+        slots = app.state.generation_slots = GenerationSlots(settings.max_queue)
+    return slots

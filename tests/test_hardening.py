@@ -169,7 +169,7 @@ def test_central_sheds_load_past_its_bound_instead_of_queueing_without_limit(
             first = [pool.submit(client.post, "/v1/txt2img", json={**BODY, "seed": i}) for i in range(2)]
             assert entered.acquire(timeout=30)  # one is in the UNet
             deadline = time.monotonic() + 30
-            while client.app.state.generations_in_flight[0] < 2:  # and the other admitted by central
+            while client.app.state.generation_slots.in_flight < 2:  # and the other admitted by central
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             r = pool.submit(client.post, "/v1/txt2img", json=BODY).result(timeout=30)
