@@ -388,6 +388,32 @@ def check_size_multiple(
 # ----------------------------------------------------------------------------------------------- multipart
 
 
+def bounded(request: Request, max_bytes: int) -> Request:
+    """``request`` with its body bounded: a ``Content-Length`` over ``max_bytes`` is refused at once, and a body
+    without one is counted as it streams and cut off at the limit (413 either way)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise MalformedRequest("Content-Length is not a number") from None
+        if declared_bytes > max_bytes:
+            raise PayloadTooLarge(f"body is {declared_bytes} bytes; at most {max_bytes} are allowed")
+    received = 0
+    upstream = request.receive
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await upstream()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
+        return message
+
+    return Request(request.scope, counting_receive)
+
+
 async def read_form(
     request: Request,
     *,
@@ -416,28 +442,7 @@ async def read_form(
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType(f"expected multipart/form-data, got {media_type or 'no content type'!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise MalformedRequest("Content-Length is not a number") from None
-        if declared_bytes > max_bytes:
-            raise PayloadTooLarge(f"body is {declared_bytes} bytes; at most {max_bytes} are allowed")
-
-    received = 0
-    upstream = request.receive
-
-    async def counting_receive() -> Message:
-        nonlocal received
-        message = await upstream()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > max_bytes:
-                raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
-        return message
-
-    limited = Request(request.scope, counting_receive)
+    limited = bounded(request, max_bytes)
     part_limit = max_bytes if max_field_bytes is None else max_field_bytes
     try:
         form = await limited.form(max_files=max_files, max_fields=max_fields, max_part_size=part_limit)

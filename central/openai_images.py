@@ -37,16 +37,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from central.images import decode_image, encode_images
+from central.images import bounded, decode_image, encode_images
 from central.pipeline import Generation, Orchestrator, unet_variants
 from central.requests import generation_slots, validated
 from shared.errors import (
     InvalidValue,
     MalformedRequest,
     NotFound,
-    PayloadTooLarge,
     TriptychError,
     UnsupportedMediaType,
     validation_error,
@@ -176,25 +175,7 @@ async def read_multipart(request: Request, settings: Settings) -> tuple[dict[str
     if _media(request) != "multipart/form-data":
         raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, got {_media(request) or 'none'}")
     max_bytes = 4 * settings.max_image_bytes + settings.max_json_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise MalformedRequest("Content-Length is not a number")
-        if int(declared) > max_bytes:
-            raise PayloadTooLarge(f"body is {declared} bytes; at most {max_bytes} are allowed")
-    received = 0
-    upstream = request.receive
-
-    async def counting_receive() -> Message:
-        nonlocal received
-        message = await upstream()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > max_bytes:
-                raise PayloadTooLarge(f"body exceeds {max_bytes} bytes")
-        return message
-
-    limited = Request(request.scope, counting_receive)
+    limited = bounded(request, max_bytes)
     try:
         form = await limited.form(
             max_files=MAX_EDIT_IMAGES + 2, max_fields=64, max_part_size=settings.max_json_body_bytes
