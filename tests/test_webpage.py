@@ -113,11 +113,10 @@ def test_the_origin_check_still_applies_to_posts() -> None:
 
 # ================================================================================================ in a browser
 def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no Chromium: install Debian's package (`apt-get install -y chromium`; .ci/run does it as root)")
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("no Chromium: install Debian's package (`apt-get install -y chromium`; .ci/run does it as root)")
+    return found
 
 
 def playwright_api() -> Any:
