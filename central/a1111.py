@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import pybase64
 import torch
 from fastapi import FastAPI, Request
@@ -53,9 +52,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from central.images import encode_images
-from central.jobs import owner_of
+from central.jobs import json_response, owner_of
 from central.pipeline import Generation, Orchestrator
-from central.requests import generation_slots
+from central.requests import generation_slots, json_object
 from shared import schedulers
 from shared.errors import (
     InvalidValue,
@@ -350,10 +349,6 @@ class Scopes:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
 def short_hash(fingerprint: str | None) -> str:
     return (fingerprint or "")[:10]
 
@@ -744,13 +739,7 @@ def install_a1111(app: FastAPI, settings: Settings) -> None:
         raw = await read_body(request, settings.max_json_body_bytes)
         if not content_type and not raw.strip():
             return {}
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise MalformedRequest("request body is not a JSON object (send none, or an object)") from None
-        if not isinstance(data, dict):
-            raise MalformedRequest("request body is not a JSON object (send none, or an object)")
-        return data
+        return json_object(raw)
 
     async def stop(request: Request, *, skip: bool) -> Response:
         await optional_object(request)

@@ -41,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 
 from central.images import bounded, decode_image, encode_images
 from central.pipeline import Generation, Orchestrator, unet_variants
-from central.requests import generation_slots, validated
+from central.requests import generation_slots, json_object, validated
 from shared.errors import (
     InvalidValue,
     MalformedRequest,
@@ -160,14 +160,7 @@ def _params(data: dict[str, Any]) -> ImageParams:
 async def read_json(request: Request, settings: Settings) -> dict[str, Any]:
     if _media(request) != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {_media(request) or 'none'}")
-    body = await read_body(request, settings.max_json_body_bytes)
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise MalformedRequest("We could not parse the JSON body of your request.") from None
-    if not isinstance(data, dict):
-        raise MalformedRequest("the request body must be a JSON object")
-    return data
+    return json_object(await read_body(request, settings.max_json_body_bytes))
 
 
 async def read_multipart(request: Request, settings: Settings) -> tuple[dict[str, str], dict[str, list[bytes]]]:

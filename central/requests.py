@@ -59,6 +59,17 @@ def _media(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON body that must be an object (400 otherwise)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"request body is not a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedRequest("request body is not a JSON object")
+    return data
+
+
 async def _json_body(request: Request, settings: Settings) -> bytes:
     body = await read_body(request, settings.max_json_body_bytes)
     if not body:
@@ -92,12 +103,7 @@ async def read_job_request(request: Request, settings: Settings) -> tuple[str, T
     if content_type == "multipart/form-data":
         data = await read_form_data(request, settings)
     elif content_type == "application/json":
-        try:
-            data = orjson.loads(await _json_body(request, settings))
-        except orjson.JSONDecodeError as exc:
-            raise MalformedRequest(f"request body is not a JSON object: {exc}") from None
-        if not isinstance(data, dict):
-            raise MalformedRequest("request body is not a JSON object")
+        data = json_object(await _json_body(request, settings))
     else:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json or multipart/form-data, got {content_type or 'none'}"
