@@ -40,7 +40,7 @@ from central.images import MEDIA_TYPES, encode_images
 from central.jobstore import TERMINAL, Job, JobStore, SqliteJobStore, open_store
 from central.pipeline import Orchestrator
 from central.requests import TASKS, read_job_request
-from shared.errors import InvalidValue, NotFound, Overloaded, TriptychError, error_envelope
+from shared.errors import InvalidValue, NotFound, Overloaded, StageUnavailable, TriptychError, error_envelope
 from shared.protocol import Txt2ImgRequest
 from shared.settings import Settings
 
@@ -56,6 +56,8 @@ POLL_S = 1.0
 #: A comment line on an idle event stream, so proxies keep it open.
 SSE_KEEPALIVE_S = 15.0
 PREVIEW_JPEG_QUALITY = 80
+#: The longest pause between two runs of a job waiting for an unavailable stage.
+STAGE_RETRY_MAX_S = 5.0
 #: (event name, data) on their way to the store; None ends the stream.
 EventQueue = asyncio.Queue[tuple[str, dict[str, Any]] | None]
 
@@ -185,7 +187,7 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         events: EventQueue = asyncio.Queue()
         writer = asyncio.create_task(self._write_events(job.id, events))
-        generation = asyncio.create_task(self._generate(job, events))
+        generation = asyncio.create_task(self._patiently(job, events))
         self._running[job.id] = generation
         renewer = asyncio.create_task(self._renew(job.id, generation))
         try:
@@ -241,6 +243,22 @@ class JobRunner:
                     return
             except Exception:
                 log.exception("job %s: renewing its lease failed", job_id)
+
+    async def _patiently(self, job: Job, events: EventQueue) -> tuple[list[bytes], dict[str, Any]]:
+        """``_generate``, run again while a stage is unavailable (restarting, scaling from zero), for up to
+        ``jobs_stage_wait_s``: a job outlives a stage's restart instead of failing with it. Each wait is a
+        ``waiting`` event; a run again starts over (its seed is fixed, so its pixels are the same)."""
+        deadline = time.monotonic() + self.settings.jobs_stage_wait_s
+        delay = 1.0
+        while True:
+            try:
+                return await self._generate(job, events)
+            except StageUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                events.put_nowait(("waiting", {"error": exc.envelope()["error"], "retry_in_s": delay}))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STAGE_RETRY_MAX_S)
 
     async def _generate(self, job: Job, events: EventQueue) -> tuple[list[bytes], dict[str, Any]]:
         """The job's task, as the sync endpoint runs it; returns the image files and the output without them."""
@@ -432,6 +450,8 @@ def install_jobs(app: FastAPI, settings: Settings) -> None:
                     idle = time.monotonic()
                 if not batch:
                     await jobs.wait_change(POLL_S)
+                    if not terminal and await jobs.store.get(job_id) is None:
+                        return  # dropped (its TTL passed) while this stream waited
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

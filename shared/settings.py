@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     jobs_lease_s: float = Field(
         default=30.0, gt=0, description="A running job not renewed this long is another replica's to re-queue."
     )
+    jobs_stage_wait_s: float = Field(
+        default=60.0, ge=0, description="How long a job waits for an unavailable stage (run again) before it fails."
+    )
     jobs_preview_every: int = Field(default=5, ge=0, le=1000, description="A preview every N steps; 0: none.")
 
     log_level: str = "INFO"

@@ -319,3 +319,49 @@ def test_previews_come_from_a_tiny_vae_when_one_is_configured(
     latent_side = job["output"]["parameters"]["width"] // unet.vae_scale_factor
     assert image.format == "JPEG" and image.size == (2 * latent_side, 2 * latent_side)
     assert_envelope(bad, 422, param="preview_every")
+
+
+def test_a_job_waits_for_a_stage_that_is_restarting(
+    settings: Settings, te_runtime: Any, vae_runtime: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Submitted while the UNet service is down (a restart, a scale-up from zero): the job waits, with
+    `waiting` events, runs once the UNet is up, and gives the sync endpoint's pixels; it does not fail."""
+    from central.clients import HttpTransport, LocalTransport, TextEncoderClient, UNetClient, VaeClient
+    from central.pipeline import Orchestrator
+
+    port = free_port_block(1)
+    s = jobs_settings(settings, tmp_path, jobs_stage_wait_s=240.0, diffusion_unet_url=f"http://127.0.0.1:{port}")
+    unet = UNetClient(HttpTransport("diffusion_unet", s.diffusion_unet_url, s))  # a service, down for now
+    orch = Orchestrator(TextEncoderClient(LocalTransport(te_runtime)), unet, VaeClient(LocalTransport(vae_runtime)), s)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPTYCH_")}
+    env.update(TRIPTYCH_MODEL=str(tiny_model), TRIPTYCH_DEVICE="cpu", TRIPTYCH_LOG_LEVEL="WARNING")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with TestClient(build_app(s, orchestrator=orch)) as client:
+            job_id = client.post("/v1/jobs", json=BODY).json()["id"]
+            deadline = time.monotonic() + 60
+            while not any(n == "waiting" for _, n, _ in sse_so_far(client, job_id)):
+                assert time.monotonic() < deadline, "no waiting event"
+                time.sleep(0.1)
+            assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+            proc = spawn_triptych(["serve", "diffusion-unet", "--port", str(port)], env, tmp_path / "unet.log")
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            job = wait_done(client, job_id, timeout_s=240)
+            sync = client.post("/v1/txt2img", json=BODY).json()
+            events = [n for _, n, _ in sse(client.get(f"/v1/jobs/{job_id}/events").text)]
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["output"]["images"] == sync["images"]
+    assert events[-1] == "succeeded" and "waiting" in events
+
+
+def sse_so_far(client: TestClient, job_id: str) -> list[tuple[int, str, Any]]:
+    """The events of a running job up to now (the stream itself stays open until the job ends)."""
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] in ("queued", "running"), job
+    store = client.app.state.jobs.store  # type: ignore[attr-defined]
+    events = client.portal.call(store.events, job_id, 0)  # type: ignore[union-attr]
+    return [(e.id, e.event, e.data) for e in events]
