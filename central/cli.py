@@ -229,7 +229,7 @@ def _is_ready(url: str) -> bool:
 def _ready_banner(url: str) -> str:
     return (
         f"\nTriptych is ready at {url}  (API docs: {url}/docs)\n"
-        "Try:\n"
+        f"Open {url}/ in a browser to generate and watch images form, or try:\n"
         f"  curl -s {url}/v1/txt2img -H 'Content-Type: application/json' -H 'Accept: image/png' \\\n"
         '    -d \'{"prompt": "a watercolor fox", "num_inference_steps": 20, "seed": 42}\' -o fox.png\n'
         "Ctrl-C stops all four services.\n"
