@@ -54,7 +54,7 @@ from starlette.concurrency import run_in_threadpool
 from central.images import encode_images
 from central.jobs import json_response, owner_of
 from central.pipeline import Generation, Orchestrator
-from central.requests import generation_slots, json_object
+from central.requests import generation_slots, json_object, validated_json
 from shared import schedulers
 from shared.errors import (
     InvalidValue,
@@ -404,13 +404,7 @@ def install_a1111(app: FastAPI, settings: Settings) -> None:
         raw = await read_body(request, settings.max_json_body_bytes + 6 * settings.max_image_bytes)
         if not raw:
             raise MalformedRequest("request body is empty; send a JSON object")
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False)
-            if errors and (errors[0].get("type") in ("json_invalid", "json_type") or not errors[0].get("loc")):
-                raise MalformedRequest(f"request body is not a JSON object: {errors[0].get('msg')}") from None
-            raise validation_error(errors) from None
+        return validated_json(model, raw)
 
     async def variants(orch: Orchestrator) -> dict[str, dict[str, Any]]:
         catalog = await orch.models()

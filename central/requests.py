@@ -86,7 +86,11 @@ async def read_task_request(request: Request, settings: Settings, model: type[T]
     if content_type != "application/json":
         allowed = "application/json or multipart/form-data" if files else "application/json"
         raise UnsupportedMediaType(f"Content-Type must be {allowed}, got {content_type or 'none'}")
-    body = await _json_body(request, settings)
+    return validated_json(model, await _json_body(request, settings))
+
+
+def validated_json(model: type[T], body: bytes) -> T:
+    """A JSON body as ``model``: 400 when it is not a JSON object, 422 naming the field otherwise."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

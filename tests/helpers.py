@@ -165,3 +165,29 @@ def latent_pixels(vae_runtime: Any, latents: torch.Tensor) -> np.ndarray:
     from shared.protocol import DecodeRequest
 
     return vae_runtime.decode(DecodeRequest(latents=latents)).images.numpy().astype(np.int16)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: Any) -> Iterator[int]:
+    """``app`` under a real uvicorn server in a thread on a free loopback port (for clients that speak HTTP
+    only, like ``webuiapi`` and ``openai``); yields the port, stops the server on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port_block
+
+    port = free_port_block(1)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(20)

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from central.app import build_app
 from diffusion_unet.runtime import UNetRuntime
 from shared.serving.models import create_tiny
 from shared.settings import Settings
-from tests.helpers import assert_envelope, local_orchestrator, png_b64
+from tests.helpers import assert_envelope, local_orchestrator, png_b64, serving_in_thread
 from tests.test_controlnet import make_controlnet
 from tests.test_loras import make_lora
 from text_encoder.runtime import TextEncoderRuntime
@@ -59,29 +58,16 @@ def a1111_settings(settings: Settings, tiny_model: Path, tmp_path_factory: pytes
 
 @pytest.fixture(scope="module")
 def server(a1111_settings: Settings, vae_runtime: Any) -> Iterator[dict[str, Any]]:
-    import uvicorn
-
-    from tests.conftest import free_port_block
-
     te, unet = TextEncoderRuntime(a1111_settings), UNetRuntime(a1111_settings)
     for rt in (te, unet):
         asyncio.run(rt.load_async())
     app = build_app(a1111_settings, orchestrator=local_orchestrator(a1111_settings, te, unet, vae_runtime))
     if not any(getattr(r, "path", "") == "/sdapi/v1/txt2img" for r in app.routes):
         install_a1111(app, a1111_settings)
-    port = free_port_block(1)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "port": port, "unet": unet}
+        with serving_in_thread(app) as port:
+            yield {"url": f"http://127.0.0.1:{port}", "port": port, "unet": unet}
     finally:
-        uv.should_exit = True
-        thread.join(20)
         te.close()
         unet.close()
 

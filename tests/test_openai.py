@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +20,6 @@ from pydantic import SecretStr
 from central.app import build_app
 from central.openai_images import GENERATIONS, install_openai
 from shared.settings import Settings
-from tests.conftest import free_port_block
 from tests.helpers import decode_all, png_b64
 
 STEPS = 4
@@ -32,26 +29,13 @@ PROMPT = "a red fox in the snow"
 @contextlib.contextmanager
 def serving(settings: Settings, te: Any, unet: Any, vae: Any) -> Iterator[str]:
     """central (in-process stages) under uvicorn in a thread, with the OpenAI routes; yields its base URL."""
-    import uvicorn
-
-    from tests.helpers import local_orchestrator
+    from tests.helpers import local_orchestrator, serving_in_thread
 
     app = build_app(settings, orchestrator=local_orchestrator(settings, te, unet, vae))
     if not any(getattr(r, "path", "") == GENERATIONS for r in app.routes):
         install_openai(app, settings)
-    port = free_port_block(1)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "central did not start"
-        time.sleep(0.05)
-    try:
+    with serving_in_thread(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture(scope="module")

@@ -120,9 +120,12 @@ def chromium_binary() -> str:
 
 
 def playwright_api() -> Any:
-    return pytest.importorskip(
-        "playwright.sync_api", reason="Playwright is not installed: `.venv/bin/pip install -e '.[dev]'`"
-    )
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("Playwright is not installed: `.venv/bin/pip install -e '.[dev]'`")
+    return importlib.import_module("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
